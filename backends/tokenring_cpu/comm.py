@@ -1,0 +1,99 @@
+"""Point-to-point messaging over a torch.distributed gloo group."""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import torch
+import torch.distributed as dist
+
+from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, TokenRingError
+
+_CHANNEL_TAGS = {Channel.QUERY: 0, Channel.PARTIAL: 1, Channel.CONTROL: 2}
+
+
+def _tag(step: int, channel: Channel) -> int:
+    # One tag per (step, channel): the two channels never share a message queue.
+    return step * len(_CHANNEL_TAGS) + _CHANNEL_TAGS[channel]
+
+
+class _GlooHandle(Handle):
+    def __init__(self, works, tensors, rank: int, step: int, channel: Channel):
+        self._works = works
+        self._tensors = tensors  # keep sent/received tensors alive until complete
+        self._rank = rank
+        self._step = step
+        self._channel = channel
+
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for work in self._works:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            _wait(work, remaining, f"rank {self._rank}, step {self._step}, {self._channel.value} channel")
+        self._works = []
+        self._tensors = []
+
+
+def _wait(work, timeout_s: float, where: str) -> None:
+    try:
+        work.wait(datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as error:
+        if "Timed out" in str(error) or "timed out" in str(error):
+            raise CommTimeout(
+                f"{where}: no answer from a peer within {timeout_s:.1f} s "
+                "(did every rank of the group call token_ring_attn with the same arguments?)"
+            ) from error
+        raise TokenRingError(f"{where}: communication failed: {error}") from error
+
+
+class GlooComm(Comm):
+    """Asynchronous isend/irecv to any peer of a gloo group; channels are tag spaces."""
+
+    def __init__(self, group=None) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise BackendError(
+                "backend 'cpu': torch.distributed is not initialized; call "
+                "torch.distributed.init_process_group('gloo', ...) on every rank first"
+            )
+        group = group if group is not None else dist.group.WORLD
+        backend_name = str(dist.get_backend(group))
+        if "gloo" not in backend_name:
+            raise BackendError(
+                f"backend 'cpu' needs a gloo process group, got {backend_name!r}; "
+                "create one with torch.distributed.new_group(backend='gloo')"
+            )
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.device = torch.device("cpu")
+
+    def exchange(self, sends, recvs, *, channel, step):
+        tag = _tag(step, channel)
+        works, tensors = [], []
+        for send in sends:
+            tensor = send.tensor if send.tensor.is_contiguous() else send.tensor.contiguous()
+            works.append(dist.isend(tensor, group=self.group, group_dst=send.peer, tag=tag))
+            tensors.append(tensor)
+            self._record_sent(step, send.peer, tensor.numel() * tensor.element_size())
+        for recv in recvs:
+            if not recv.tensor.is_contiguous():
+                raise ValueError("receive buffers must be contiguous for gloo")
+            works.append(dist.irecv(recv.tensor, group=self.group, group_src=recv.peer, tag=tag))
+            tensors.append(recv.tensor)
+        return _GlooHandle(works, tensors, self.rank, step, channel)
+
+    def all_gather_bytes(self, payload: bytes, *, timeout_s: float) -> list[bytes]:
+        deadline = time.monotonic() + timeout_s
+        where = f"rank {self.rank}, agreement check"
+        size = torch.tensor([len(payload)], dtype=torch.int64)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        _wait(dist.all_gather(sizes, size, group=self.group, async_op=True), timeout_s, where)
+        longest = max(int(s.item()) for s in sizes)
+        mine = torch.zeros(longest, dtype=torch.uint8)
+        mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else mine[:0]
+        everyone = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        remaining = max(deadline - time.monotonic(), 0.001)
+        _wait(dist.all_gather(everyone, mine, group=self.group, async_op=True), remaining, where)
+        return [bytes(t[: int(n.item())].tolist()) for t, n in zip(everyone, sizes)]

@@ -1,0 +1,62 @@
+"""TokenRing: exact sequence-parallel attention where keys and values stay put.
+
+Public surface: `token_ring_attn`, `shard`/`unshard`, the backend interfaces,
+the plan builder, and the error types. Everything else is private.
+"""
+
+from .hookspecs import hookimpl, hookspec
+from .interfaces import (
+    AttentionKernel,
+    Backend,
+    BackendError,
+    Capabilities,
+    Channel,
+    Comm,
+    CommTimeout,
+    Handle,
+    InputError,
+    LinkTraffic,
+    Mask,
+    Probe,
+    Recv,
+    Send,
+    TokenRingError,
+)
+from .layout import Layout, shard, unshard
+from .plan import Algorithm, Plan, ProblemShape, build_plan
+from .api import record_traffic, token_ring_attn
+from .reference import reference_attention
+from .registry import registry
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Algorithm",
+    "AttentionKernel",
+    "Backend",
+    "BackendError",
+    "Capabilities",
+    "Channel",
+    "Comm",
+    "CommTimeout",
+    "Handle",
+    "InputError",
+    "Layout",
+    "LinkTraffic",
+    "Mask",
+    "Plan",
+    "Probe",
+    "ProblemShape",
+    "Recv",
+    "Send",
+    "TokenRingError",
+    "build_plan",
+    "hookimpl",
+    "hookspec",
+    "record_traffic",
+    "reference_attention",
+    "registry",
+    "shard",
+    "token_ring_attn",
+    "unshard",
+]

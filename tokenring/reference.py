@@ -1,0 +1,37 @@
+"""Plain attention over the full sequence in float64: the ground truth of every test."""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of softmax(q kᵀ · scale) v in float64; inputs (B, S, H, D), GQA allowed.
+
+    ``causal`` masks key j for query i when j > i + (Sk - Sq) (bottom-right,
+    which is the usual mask when Sq == Sk). A row with no visible key gives
+    out 0 and lse -inf.
+    """
+    q64, k64, v64 = (t.detach().to(torch.float64) for t in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    if group > 1:
+        k64 = k64.repeat_interleave(group, dim=2)
+        v64 = v64.repeat_interleave(group, dim=2)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    scores = torch.einsum("bqhd,bkhd->bhqk", q64, k64) * scale
+    if causal:
+        q_len, k_len = q.shape[1], k.shape[1]
+        i = torch.arange(q_len).unsqueeze(1)
+        j = torch.arange(k_len).unsqueeze(0)
+        scores = scores.masked_fill(j > i + (k_len - q_len), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
+    out = torch.einsum("bhqk,bkhd->bqhd", weights, v64)
+    return out, lse

@@ -1,0 +1,83 @@
+"""Random attention problems and how to judge an answer against float64."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from ..reference import reference_attention
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# Relative error ‖out − ref‖ / ‖ref‖ allowed per input dtype.
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 2e-2,
+    torch.float16: 2e-2,
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A full-sequence attention problem; every rank rebuilds it from the seed."""
+
+    seed: int
+    batch: int = 2
+    seq_len: int = 64          # the full sequence, all ranks together
+    q_heads: int = 4
+    kv_heads: int = 4
+    head_dim: int = 32
+    dtype: str = "float32"
+    causal: bool = False
+    layout: str | None = None  # None: the API default for `causal`
+    algorithm: str = "tokenring"
+    softmax_scale: float | None = None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def resolved_layout(self) -> str:
+        return self.layout or ("zigzag" if self.causal else "contiguous")
+
+    def with_(self, **changes) -> "Problem":
+        return replace(self, **changes)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fresh standard-normal q, k, v of the full sequence, cast to the dtype."""
+        gen = torch.Generator().manual_seed(self.seed)
+        shapes = [
+            (self.batch, self.seq_len, self.q_heads, self.head_dim),
+            (self.batch, self.seq_len, self.kv_heads, self.head_dim),
+            (self.batch, self.seq_len, self.kv_heads, self.head_dim),
+        ]
+        return tuple(torch.randn(s, generator=gen, dtype=torch.float64).to(self.torch_dtype) for s in shapes)
+
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self.inputs()
+        return reference_attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """‖got − want‖ / ‖want‖ in float64; inf when got has NaN or inf where want is finite."""
+    got64, want64 = got.detach().to(torch.float64), want.detach().to(torch.float64)
+    if got64.shape != want64.shape:
+        raise AssertionError(f"shape {tuple(got64.shape)} != expected {tuple(want64.shape)}")
+    finite = torch.isfinite(want64)
+    if not torch.equal(torch.isfinite(got64), finite) or not torch.equal(got64[~finite], want64[~finite]):
+        return math.inf
+    diff = torch.linalg.vector_norm(got64[finite] - want64[finite]).item()
+    norm = torch.linalg.vector_norm(want64[finite]).item()
+    return diff / norm if norm > 0 else diff

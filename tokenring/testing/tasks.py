@@ -1,0 +1,94 @@
+"""Functions that run on every rank of a `tokenring.launch.LocalWorld`.
+
+Each is called as ``task(rank, world_size, *args)`` and returns plain data
+(numbers, lists, numpy arrays), never live tensors.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import tokenring
+
+from .problems import Problem
+
+
+def _my_inputs(problem: Problem, rank: int, world_size: int):
+    return [
+        tokenring.shard(t, rank, world_size, layout=problem.resolved_layout).contiguous()
+        for t in problem.inputs()
+    ]
+
+
+def attention(rank: int, world_size: int, problem: Problem, backend: str | None = None) -> dict:
+    """One token_ring_attn call on this rank's shard; returns out, lse and the bytes sent."""
+    q, k, v = _my_inputs(problem, rank, world_size)
+    with tokenring.record_traffic() as sent:
+        out, lse = tokenring.token_ring_attn(
+            q, k, v,
+            causal=problem.causal,
+            softmax_scale=problem.softmax_scale,
+            backend=backend,
+            layout=problem.layout,
+            algorithm=problem.algorithm,
+            return_lse=True,
+        )
+    return {
+        "out": out.to(torch.float64).numpy(),
+        "out_dtype": str(out.dtype),
+        "out_shape": tuple(out.shape),
+        "lse": lse.to(torch.float64).numpy(),
+        "lse_dtype": str(lse.dtype),
+        "sent": [t.to_json() for t in sent],
+    }
+
+
+def timed_attention(rank: int, world_size: int, problem: Problem, repeats: int, backend: str | None = None) -> dict:
+    """`attention` once for checking, then ``repeats`` timed calls, each started together."""
+    result = attention(rank, world_size, problem, backend)
+    q, k, v = _my_inputs(problem, rank, world_size)
+    seconds = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        tokenring.token_ring_attn(
+            q, k, v, causal=problem.causal, softmax_scale=problem.softmax_scale, backend=backend,
+            layout=problem.layout, algorithm=problem.algorithm,
+        )
+        seconds.append(time.perf_counter() - start)
+    result["seconds"] = seconds
+    result["median_s"] = statistics.median(seconds) if seconds else None
+    return result
+
+
+def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: dict, backend: str | None = None) -> str:
+    """Call token_ring_attn with some ranks' arguments altered; returns "ok" or raises.
+
+    ``per_rank_changes`` maps a rank (or "all") to changes: tensor edits
+    ("q_shape", "k_shape", "v_shape" as new shapes, "k_dtype", "v_dtype")
+    and keyword overrides ("causal", "layout", "algorithm", "softmax_scale",
+    "backend").
+    """
+    q, k, v = _my_inputs(problem, rank, world_size)
+    changes = dict(per_rank_changes.get("all", {}))
+    changes.update(per_rank_changes.get(rank, {}))
+    tensors = {"q": q, "k": k, "v": v}
+    for name in ("q", "k", "v"):
+        if f"{name}_shape" in changes:
+            tensors[name] = torch.randn(changes.pop(f"{name}_shape"), dtype=q.dtype)
+        if f"{name}_dtype" in changes:
+            tensors[name] = tensors[name].to(getattr(torch, changes.pop(f"{name}_dtype")))
+    kwargs = {
+        "causal": problem.causal,
+        "softmax_scale": problem.softmax_scale,
+        "layout": problem.layout,
+        "algorithm": problem.algorithm,
+        "backend": backend,
+    }
+    kwargs.update(changes)
+    tokenring.token_ring_attn(tensors["q"], tensors["k"], tensors["v"], **kwargs)
+    return "ok"
