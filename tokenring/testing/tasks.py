@@ -69,7 +69,7 @@ def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: di
     """Call token_ring_attn with some ranks' arguments altered; returns "ok" or raises.
 
     ``per_rank_changes`` maps a rank (or "all") to changes: tensor edits
-    ("q_shape", "k_shape", "v_shape" as new shapes, "k_dtype", "v_dtype")
+    ("q_shape", "k_shape", "v_shape" as new shapes; "<name>_dtype", "<name>_device")
     and keyword overrides ("causal", "layout", "algorithm", "softmax_scale",
     "backend").
     """
@@ -82,6 +82,8 @@ def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: di
             tensors[name] = torch.randn(changes.pop(f"{name}_shape"), dtype=q.dtype)
         if f"{name}_dtype" in changes:
             tensors[name] = tensors[name].to(getattr(torch, changes.pop(f"{name}_dtype")))
+        if f"{name}_device" in changes:
+            tensors[name] = tensors[name].to(changes.pop(f"{name}_device"))
     kwargs = {
         "causal": problem.causal,
         "softmax_scale": problem.softmax_scale,
@@ -92,3 +94,16 @@ def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: di
     kwargs.update(changes)
     tokenring.token_ring_attn(tensors["q"], tensors["k"], tensors["v"], **kwargs)
     return "ok"
+
+
+def call_unless_absent(rank: int, world_size: int, problem: Problem, absent_rank: int, timeout_s: float) -> str:
+    """Every rank but ``absent_rank`` calls token_ring_attn with a short timeout."""
+    import os
+
+    if rank == absent_rank:
+        return "absent"
+    os.environ["TOKENRING_TIMEOUT_S"] = str(timeout_s)
+    try:
+        return call_with(rank, world_size, problem, {})
+    finally:
+        del os.environ["TOKENRING_TIMEOUT_S"]

@@ -1,0 +1,340 @@
+"""The ``tokenring`` command: list backends, or run and check one attention call.
+
+``tokenring backends`` shows every discovered backend and why an unavailable
+one cannot run. ``tokenring run`` starts local ranks, runs one sequence-parallel
+call against the float64 reference, times it, and compares the bytes each
+directed link carried with the bytes the plan says it should carry.
+
+Exit status: 0 on success; 1 when a run is wrong (error above tolerance,
+traffic off plan) or a worker fails; 2 for bad arguments or no usable backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import secrets
+import sys
+from typing import Any, Sequence
+
+# Multi-rank runs execute in spawned workers that re-import the main module;
+# this module therefore does nothing at import time beyond definitions.
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+# Library errors that mean "this cannot run as asked", reported without a traceback.
+_USER_ERROR_TYPES = ("tokenring.interfaces.InputError", "tokenring.interfaces.BackendError")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, run_parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        _validate_run_args(run_parser, args)
+    from .interfaces import BackendError, InputError
+    from .launch import WorkerError
+
+    try:
+        return args.handler(args)
+    except (BackendError, InputError) as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except WorkerError as exc:
+        user_error = _user_error_of(exc)
+        if user_error is not None:
+            _error(user_error)
+            return EXIT_USAGE
+        print(str(exc), file=sys.stderr)
+        return EXIT_FAILED
+
+
+# -- argument parsing -----------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
+    return value
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser, and the ``run`` subparser (whose usage goes with its errors)."""
+    parser = argparse.ArgumentParser(
+        prog="tokenring", description="TokenRing: exact sequence-parallel attention."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    backends = commands.add_parser("backends", help="list the discovered backends and whether each can run here")
+    backends.add_argument("--json", action="store_true", help="print the list as JSON")
+    backends.set_defaults(handler=_backends_command)
+
+    run = commands.add_parser(
+        "run",
+        help="run one attention call on local ranks, check it against float64 and its traffic against the plan",
+    )
+    run.add_argument("--backend", default="cpu", help="backend name (default: %(default)s)")
+    run.add_argument("--world-size", type=_positive_int, default=4, help="number of ranks (default: %(default)s)")
+    run.add_argument("--batch", type=_positive_int, default=1, help="batch size (default: %(default)s)")
+    run.add_argument(
+        "--seq-len", type=_positive_int, default=4096,
+        help="global sequence length, all ranks together (default: %(default)s)",
+    )
+    run.add_argument("--heads", type=_positive_int, default=8, help="query heads (default: %(default)s)")
+    run.add_argument("--kv-heads", type=_positive_int, help="key/value heads (default: --heads)")
+    run.add_argument("--head-dim", type=_positive_int, default=64, help="head dimension (default: %(default)s)")
+    run.add_argument(
+        "--dtype", choices=("float32", "float64", "bfloat16", "float16"), default="float32",
+        help="dtype of q, k and v (default: %(default)s)",
+    )
+    run.add_argument("--causal", action="store_true", help="apply a causal mask")
+    run.add_argument(
+        "--layout", choices=("contiguous", "zigzag"),
+        help="shard layout (default: zigzag when causal, contiguous otherwise)",
+    )
+    run.add_argument(
+        "--algorithm", choices=("tokenring", "ring"), default="tokenring", help="schedule (default: %(default)s)"
+    )
+    run.add_argument(
+        "--repeats", type=_positive_int, default=5, help="timed calls after the checked one (default: %(default)s)"
+    )
+    run.add_argument("--scale", type=_positive_float, help="softmax scale (default: head_dim ** -0.5)")
+    run.add_argument("--seed", type=int, help="seed of the random inputs (default: random)")
+    run.add_argument(
+        "--threads-per-rank", type=_positive_int,
+        help="torch threads per rank (default: CPU count // world size, at least 1)",
+    )
+    run.add_argument(
+        "--timeout", type=_positive_float, default=300.0,
+        help="seconds any wait inside a call may take before it fails (default: %(default)s)",
+    )
+    run.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    run.set_defaults(handler=_run_command)
+    return parser, run
+
+
+def _validate_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject impossible problems before starting any process."""
+    if args.kv_heads is None:
+        args.kv_heads = args.heads
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    layout = args.layout or ("zigzag" if args.causal else "contiguous")
+    chunks = args.world_size * (2 if layout == "zigzag" else 1)
+    if args.seq_len % chunks:
+        parser.error(
+            f"--seq-len ({args.seq_len}) must be divisible by {chunks} for the {layout} layout "
+            f"over {args.world_size} ranks"
+        )
+    if args.threads_per_rank is None:
+        args.threads_per_rank = max(1, (os.cpu_count() or 1) // args.world_size)
+    if args.seed is None:
+        args.seed = secrets.randbelow(2**31)
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _user_error_of(exc: Any) -> str | None:
+    """The message of a library input/backend error raised on the ranks, if that is what failed."""
+    failed = [r for r in exc.results if not r.ok]
+    if failed and all(r.error_type in _USER_ERROR_TYPES for r in failed):
+        return failed[0].error
+    return None
+
+
+# -- tokenring backends ---------------------------------------------------------
+
+
+def _backends_command(args: argparse.Namespace) -> int:
+    from .registry import registry
+
+    entries = registry.entries()
+    if args.json:
+        print(json.dumps([entry.to_json() for entry in entries], indent=2))
+        return EXIT_OK
+    rows = [("NAME", "DISTRIBUTION", "AVAILABLE", "DEVICE", "DETAILS")]
+    for entry in entries:
+        info = entry.to_json()
+        if info["available"]:
+            notes = ", ".join(f"{key}={value}" for key, value in info["details"].items())
+        else:
+            notes = info["reason"]
+        rows.append(
+            (info["name"], info["distribution"], "yes" if info["available"] else "no", info["device_type"] or "-", notes)
+        )
+    print(_table(rows))
+    if not entries:
+        print("no backends found (is a backend distribution installed, or plugin autoload disabled?)")
+    return EXIT_OK
+
+
+def _table(rows: Sequence[Sequence[Any]], right_aligned: Sequence[int] = ()) -> str:
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = []
+    for row in cells:
+        padded = [
+            cell.rjust(width) if i in right_aligned else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths))
+        ]
+        lines.append("  ".join(padded).rstrip())
+    return "\n".join(lines)
+
+
+# -- tokenring run --------------------------------------------------------------
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__, build_plan, unshard
+    from .launch import LocalWorld
+    from .plan import ProblemShape
+    from .registry import registry
+    from .testing.problems import TOLERANCE, Problem, relative_error
+
+    # Fail fast, before starting processes, when the backend cannot run here.
+    registry.get(args.backend)
+    distribution = next(e.distribution for e in registry.entries() if e.name == args.backend)
+
+    problem = Problem(
+        seed=args.seed,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        q_heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        dtype=args.dtype,
+        causal=args.causal,
+        layout=args.layout,
+        algorithm=args.algorithm,
+        softmax_scale=args.scale,
+    )
+    layout = problem.resolved_layout
+    world_size = args.world_size
+
+    threads = f"{args.threads_per_rank} thread{'s' if args.threads_per_rank != 1 else ''}"
+    print(f"starting {world_size} ranks ({threads} each)...", file=sys.stderr)
+    env = {"TOKENRING_TIMEOUT_S": str(args.timeout)}
+    with LocalWorld(world_size, threads_per_rank=args.threads_per_rank, env=env) as world:
+        print(f"running 1 checked + {args.repeats} timed calls...", file=sys.stderr)
+        # Each wait inside a call is bounded by --timeout in the workers; this
+        # bound only catches a world that stopped answering altogether.
+        results = world.run_ok(
+            "tokenring.testing.tasks.timed_attention", problem, args.repeats, args.backend,
+            timeout_s=args.timeout * (args.repeats + 1),
+        )
+
+    print("checking against the float64 reference...", file=sys.stderr)
+    out = unshard([torch.from_numpy(r["out"]) for r in results], layout=layout, dim=1)
+    lse = unshard([torch.from_numpy(r["lse"]) for r in results], layout=layout, dim=2)
+    want_out, want_lse = problem.reference()
+    rel_err_out = relative_error(out, want_out)
+    rel_err_lse = relative_error(lse, want_lse)
+    max_rel_err = max(rel_err_out, rel_err_lse)
+    tolerance = TOLERANCE[problem.torch_dtype]
+    passed = max_rel_err <= tolerance
+
+    measured: dict[tuple[int, int, int], int] = {}
+    for result in results:
+        for message in result["sent"]:
+            key = (message["step"], message["src"], message["dst"])
+            measured[key] = measured.get(key, 0) + message["bytes"]
+    shape = ProblemShape(
+        batch=problem.batch,
+        seq_local=problem.seq_len // world_size,
+        q_heads=problem.q_heads,
+        kv_heads=problem.kv_heads,
+        head_dim=problem.head_dim,
+        itemsize=problem.torch_dtype.itemsize,
+        lse_itemsize=8 if problem.torch_dtype == torch.float64 else 4,
+    )
+    plan = build_plan(problem.algorithm, layout, problem.causal, world_size)
+    planned = {(t.step, t.src, t.dst): t.bytes for t in plan.link_bytes(shape)}
+    traffic_matches_plan = measured == planned
+
+    seconds_per_rank = [r["median_s"] for r in results]
+    # Ranks start each call together and the call ends when the slowest finishes.
+    seconds = max(seconds_per_rank)
+
+    report = {
+        "max_rel_err": max_rel_err,
+        "rel_err_out": rel_err_out,
+        "rel_err_lse": rel_err_lse,
+        "tolerance": tolerance,
+        "passed": passed,
+        "seconds": seconds,
+        "seconds_per_rank": seconds_per_rank,
+        "repeats": args.repeats,
+        "link_bytes": _link_list(measured),
+        "planned_link_bytes": _link_list(planned),
+        "traffic_matches_plan": traffic_matches_plan,
+        "plan_direction": plan.direction,
+        "problem": problem.to_json(),
+        "layout": layout,
+        "backend": args.backend,
+        "backend_distribution": distribution,
+        "world_size": world_size,
+        "threads_per_rank": args.threads_per_rank,
+        "tokenring_version": __version__,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    print(_summary(report, measured, planned))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump(report, file, indent=2)
+            file.write("\n")
+    return EXIT_OK if passed and traffic_matches_plan else EXIT_FAILED
+
+
+def _link_list(totals: dict[tuple[int, int, int], int]) -> list[dict[str, int]]:
+    return [{"step": s, "src": src, "dst": dst, "bytes": n} for (s, src, dst), n in sorted(totals.items())]
+
+
+def _summary(
+    report: dict[str, Any], measured: dict[tuple[int, int, int], int], planned: dict[tuple[int, int, int], int]
+) -> str:
+    p = report["problem"]
+    heads = f"Hq={p['q_heads']}" + (f" Hkv={p['kv_heads']}" if p["kv_heads"] != p["q_heads"] else "")
+    scale = f", scale {p['softmax_scale']}" if p["softmax_scale"] is not None else ""
+    verdict = "PASS" if report["passed"] else "FAIL"
+    per_rank = " ".join(f"{s * 1e3:.2f}" for s in report["seconds_per_rank"])
+    lines = [
+        f"problem    B={p['batch']} S={p['seq_len']} {heads} D={p['head_dim']} {p['dtype']}"
+        f" {'causal' if p['causal'] else 'non-causal'}{scale}, seed {p['seed']}",
+        f"backend    {report['backend']} ({report['backend_distribution']}), torch {report['torch']}",
+        f"algorithm  {p['algorithm']}, {report['layout']} layout, {report['world_size']} ranks"
+        f" x {report['threads_per_rank']} thread{'s' if report['threads_per_rank'] != 1 else ''}",
+        f"error      {report['max_rel_err']:.3g} max relative error (out {report['rel_err_out']:.3g},"
+        f" lse {report['rel_err_lse']:.3g}), tolerance {report['tolerance']:.0e}: {verdict}",
+        f"time       {report['seconds'] * 1e3:.2f} ms per call (slowest rank's median of {report['repeats']});"
+        f" per rank ms: {per_rank}",
+        f"traffic    measured {'matches' if report['traffic_matches_plan'] else 'DIFFERS FROM'} the plan;"
+        f" {sum(measured.values())} bytes in all",
+    ]
+    rows: list[tuple[Any, ...]] = [("step", "link", "measured", "planned", "")]
+    for step, src, dst in sorted(set(measured) | set(planned)):
+        got, want = measured.get((step, src, dst), 0), planned.get((step, src, dst), 0)
+        rows.append((step, f"{src}->{dst}", got, want, "" if got == want else "<-- differs"))
+    lines.append("  " + _table(rows, right_aligned=(0, 2, 3)).replace("\n", "\n  "))
+    return "\n".join(lines)
