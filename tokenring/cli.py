@@ -50,6 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         print(str(exc), file=sys.stderr)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) stopped early. Point stdout at devnull so
+        # the interpreter's final flush does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 # -- argument parsing -----------------------------------------------------------
@@ -299,11 +304,11 @@ def _run_command(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    print(_summary(report, measured, planned))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:
             json.dump(report, file, indent=2)
             file.write("\n")
+    print(_summary(report, measured, planned))
     return EXIT_OK if passed and traffic_matches_plan else EXIT_FAILED
 
 

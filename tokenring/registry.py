@@ -3,7 +3,8 @@
 Discovery loads every entry point of the ``tokenring.backends`` group into one
 pluggy plugin manager, then asks each plugin to register its backends. A
 plugin that fails to import, fails to register, or registers something
-invalid is recorded with its distribution and the reason; it never stops the
+invalid (a name already taken, where built-in backends register first, or
+an object lacking a required attribute or method) is recorded with its distribution and the reason; it never stops the
 other backends from working.
 
 Environment controls:
@@ -34,6 +35,7 @@ import pluggy
 from . import hookspecs
 from .interfaces import Backend, BackendError, Probe
 
+CORE_DISTRIBUTION = "tokenring-attn"
 _REQUIRED_METHODS = ("probe", "create_comm", "create_kernel")
 _REQUIRED_ATTRIBUTES = ("name", "device_type", "capabilities")
 
@@ -172,7 +174,8 @@ def _selected_entry_points() -> list[importlib.metadata.EntryPoint]:
     unique: dict[tuple[str, str], importlib.metadata.EntryPoint] = {}
     for ep in points:
         unique.setdefault((ep.name, ep.value), ep)
-    return list(unique.values())
+    # Built-in backends register first, so a plugin cannot take their names.
+    return sorted(unique.values(), key=lambda ep: _distribution_name(ep).split()[0] != CORE_DISTRIBUTION)
 
 
 def _short_error(exc: BaseException) -> str:
