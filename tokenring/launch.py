@@ -49,6 +49,15 @@ def _resolve(path: str):
     return getattr(importlib.import_module(module), name)
 
 
+def _failure(rank: int, exc: BaseException) -> RankResult:
+    return RankResult(
+        rank,
+        error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        error=str(exc),
+        traceback=traceback.format_exc(),
+    )
+
+
 def _worker_main(rank, world_size, backend, init_file, threads, env, tasks, results):
     os.environ.update(env)
     import torch
@@ -65,7 +74,7 @@ def _worker_main(rank, world_size, backend, init_file, threads, env, tasks, resu
             timeout=datetime.timedelta(seconds=float(env.get("TOKENRING_TIMEOUT_S", 300))),
         )
     except BaseException as exc:
-        results.put(RankResult(rank, error_type=type(exc).__name__, error=str(exc), traceback=traceback.format_exc()))
+        results.put(_failure(rank, exc))
         return
     results.put(RankResult(rank, value="ready"))
     while True:
@@ -77,12 +86,7 @@ def _worker_main(rank, world_size, backend, init_file, threads, env, tasks, resu
             value = _resolve(path)(rank, world_size, *args, **kwargs)
             outcome = RankResult(rank, value=value)
         except BaseException as exc:
-            outcome = RankResult(
-                rank,
-                error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
-                error=str(exc),
-                traceback=traceback.format_exc(),
-            )
+            outcome = _failure(rank, exc)
         results.put((task_id, outcome))
     dist.destroy_process_group()
 
