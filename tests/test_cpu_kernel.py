@@ -1,6 +1,5 @@
 """The CPU kernel adapter honours the kernel contract (DESIGN §2) in one process."""
 
-import math
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """token_ring_attn against plain float64 attention on the full sequence."""
 
-import itertools
 
 import pytest
 import torch

@@ -213,7 +213,8 @@ def _run_command(args: argparse.Namespace) -> int:
 
     from . import __version__, build_plan, unshard
     from .launch import LocalWorld
-    from .plan import ProblemShape
+    from .interfaces import LinkTraffic
+    from .plan import sum_by_link
     from .registry import registry
     from .testing.problems import TOLERANCE, Problem, relative_error
 
@@ -259,22 +260,9 @@ def _run_command(args: argparse.Namespace) -> int:
     tolerance = TOLERANCE[problem.torch_dtype]
     passed = max_rel_err <= tolerance
 
-    measured: dict[tuple[int, int, int], int] = {}
-    for result in results:
-        for message in result["sent"]:
-            key = (message["step"], message["src"], message["dst"])
-            measured[key] = measured.get(key, 0) + message["bytes"]
-    shape = ProblemShape(
-        batch=problem.batch,
-        seq_local=problem.seq_len // world_size,
-        q_heads=problem.q_heads,
-        kv_heads=problem.kv_heads,
-        head_dim=problem.head_dim,
-        itemsize=problem.torch_dtype.itemsize,
-        lse_itemsize=8 if problem.torch_dtype == torch.float64 else 4,
-    )
-    plan = build_plan(problem.algorithm, layout, problem.causal, world_size)
-    planned = {(t.step, t.src, t.dst): t.bytes for t in plan.link_bytes(shape)}
+    sent = sum_by_link(LinkTraffic(**message) for result in results for message in result["sent"])
+    measured = {(t.step, t.src, t.dst): t.bytes for t in sent}
+    planned = {(t.step, t.src, t.dst): t.bytes for t in problem.planned_link_bytes(world_size)}
     traffic_matches_plan = measured == planned
 
     seconds_per_rank = [r["median_s"] for r in results]
@@ -293,7 +281,7 @@ def _run_command(args: argparse.Namespace) -> int:
         "link_bytes": _link_list(measured),
         "planned_link_bytes": _link_list(planned),
         "traffic_matches_plan": traffic_matches_plan,
-        "plan_direction": plan.direction,
+        "plan_direction": build_plan(problem.algorithm, layout, problem.causal, world_size).direction,
         "problem": problem.to_json(),
         "layout": layout,
         "backend": args.backend,

@@ -29,7 +29,7 @@ import dataclasses
 import enum
 import functools
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .interfaces import Channel, LinkTraffic, Mask
 from .layout import Layout, parse_layout
@@ -169,11 +169,9 @@ class Plan:
 
     def link_bytes(self, shape: ProblemShape) -> list[LinkTraffic]:
         """Bytes per (step, src, dst), summed over the messages of that link and step."""
-        totals: dict[tuple[int, int, int], int] = {}
-        for index, t in self.transfers():
-            key = (index, t.src, t.dst)
-            totals[key] = totals.get(key, 0) + shape.payload_bytes(t.payload, t.part)
-        return [LinkTraffic(s, src, dst, n) for (s, src, dst), n in sorted(totals.items())]
+        return sum_by_link(
+            LinkTraffic(index, t.src, t.dst, shape.payload_bytes(t.payload, t.part)) for index, t in self.transfers()
+        )
 
     def describe(self) -> str:
         lines = [
@@ -190,6 +188,14 @@ class Plan:
             for t in step.transfers:
                 lines.append(f"  {t.src} -> {t.dst}: {t.payload.value}[{t.owner}].{t.part.value}")
         return "\n".join(lines)
+
+
+def sum_by_link(messages: Iterable[LinkTraffic]) -> list[LinkTraffic]:
+    """One entry per (step, src, dst) with the bytes of all its messages, sorted."""
+    totals: dict[tuple[int, int, int], int] = {}
+    for m in messages:
+        totals[(m.step, m.src, m.dst)] = totals.get((m.step, m.src, m.dst), 0) + m.bytes
+    return [LinkTraffic(step, src, dst, n) for (step, src, dst), n in sorted(totals.items())]
 
 
 def visible_block(layout: Layout, causal: bool, q_owner: int, kv_owner: int) -> tuple[Part, Part, Mask] | None:
@@ -212,25 +218,43 @@ def visible_block(layout: Layout, causal: bool, q_owner: int, kv_owner: int) -> 
     return Part.SECOND, Part.ALL, Mask.NONE
 
 
-def _tokenring_steps(layout: Layout, causal: bool, n: int, direction: int) -> tuple[Step, ...]:
+def _build_steps(algorithm: Algorithm, layout: Layout, causal: bool, n: int, direction: int) -> tuple[Step, ...]:
+    """Steps of a plan in which one kind of tensor travels one hop per step.
+
+    TokenRing: the travelling tensor is the owner's queries, computed against
+    each holder's keys/values; the partial result goes back to the owner one
+    step later. Ring: the travelling tensor is the owner's keys/values,
+    computed against each holder's queries; results stay where computed.
+    """
+    moves_queries = algorithm is Algorithm.TOKENRING
+    payload = Payload.QUERY if moves_queries else Payload.KEY_VALUE
+
     def holder(owner: int, hops: int) -> int:
         return (owner + hops * direction) % n
 
     def block(owner: int, hops: int) -> Block | None:
         rank = holder(owner, hops)
-        visible = visible_block(layout, causal, owner, rank)
-        return None if visible is None else Block(rank, owner, visible[0], rank, visible[1], visible[2])
+        q_owner, kv_owner = (owner, rank) if moves_queries else (rank, owner)
+        visible = visible_block(layout, causal, q_owner, kv_owner)
+        if visible is None:
+            return None
+        return Block(rank, q_owner, visible[0], kv_owner, visible[1], visible[2])
+
+    def travelling_part(b: Block) -> Part:
+        return b.q_part if moves_queries else b.kv_part
 
     def still_needed(owner: int, from_hops: int) -> Part | None:
         needed: Part | None = None
         for hops in range(from_hops, n):
             b = block(owner, hops)
             if b is not None:
-                needed = b.q_part.union(needed)
+                needed = travelling_part(b).union(needed)
         return needed
 
+    # TokenRing needs one more step, after the last compute, to return the last partials.
+    n_steps = n + 1 if moves_queries and n > 1 else n
     steps = []
-    for index in range(n + (1 if n > 1 else 0)):
+    for index in range(n_steps):
         blocks: list[Block] = []
         transfers: list[Transfer] = []
         for owner in range(n):
@@ -238,50 +262,12 @@ def _tokenring_steps(layout: Layout, causal: bool, n: int, direction: int) -> tu
                 b = block(owner, index)
                 if b is not None:
                     blocks.append(b)
-                if index < n - 1:
-                    part = still_needed(owner, index + 1)
-                    if part is not None:
-                        src = holder(owner, index)
-                        transfers.append(Transfer(src, holder(owner, index + 1), Payload.QUERY, owner, part))
-            previous = block(owner, index - 1) if index >= 2 else None
+                part = still_needed(owner, index + 1) if index < n - 1 else None
+                if part is not None:
+                    transfers.append(Transfer(holder(owner, index), holder(owner, index + 1), payload, owner, part))
+            previous = block(owner, index - 1) if moves_queries and index >= 2 else None
             if previous is not None:
                 transfers.append(Transfer(previous.rank, owner, Payload.PARTIAL, owner, previous.q_part))
-        blocks.sort(key=lambda b: b.rank)
-        steps.append(Step(index, tuple(blocks), tuple(transfers)))
-    return tuple(steps)
-
-
-def _ring_steps(layout: Layout, causal: bool, n: int, direction: int) -> tuple[Step, ...]:
-    def holder(owner: int, hops: int) -> int:
-        return (owner + hops * direction) % n
-
-    def block(owner: int, hops: int) -> Block | None:
-        rank = holder(owner, hops)
-        visible = visible_block(layout, causal, rank, owner)
-        return None if visible is None else Block(rank, rank, visible[0], owner, visible[1], visible[2])
-
-    def still_needed(owner: int, from_hops: int) -> Part | None:
-        needed: Part | None = None
-        for hops in range(from_hops, n):
-            b = block(owner, hops)
-            if b is not None:
-                needed = b.kv_part.union(needed)
-        return needed
-
-    steps = []
-    for index in range(n):
-        blocks = []
-        transfers = []
-        for owner in range(n):
-            b = block(owner, index)
-            if b is not None:
-                blocks.append(b)
-            if index < n - 1:
-                part = still_needed(owner, index + 1)
-                if part is not None:
-                    transfers.append(
-                        Transfer(holder(owner, index), holder(owner, index + 1), Payload.KEY_VALUE, owner, part)
-                    )
         blocks.sort(key=lambda b: b.rank)
         steps.append(Step(index, tuple(blocks), tuple(transfers)))
     return tuple(steps)
@@ -308,10 +294,9 @@ def build_plan(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if direction not in (None, 1, -1):
         raise ValueError(f"direction must be +1, -1 or None, got {direction}")
-    build = _tokenring_steps if algorithm is Algorithm.TOKENRING else _ring_steps
     candidates = [direction] if direction is not None else [1, -1]
     plans = [
-        Plan(algorithm, layout, bool(causal), world_size, d, build(layout, bool(causal), world_size, d))
+        Plan(algorithm, layout, bool(causal), world_size, d, _build_steps(algorithm, layout, bool(causal), world_size, d))
         for d in candidates
     ]
     return min(plans, key=lambda p: sum(t.bytes for t in p.link_bytes(_NOMINAL_SHAPE)))

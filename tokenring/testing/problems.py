@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from ..interfaces import LinkTraffic
+from ..plan import ProblemShape, build_plan
 from ..reference import reference_attention
 
 DTYPES = {
@@ -64,6 +66,22 @@ class Problem:
             (self.batch, self.seq_len, self.kv_heads, self.head_dim),
         ]
         return tuple(torch.randn(s, generator=gen, dtype=torch.float64).to(self.torch_dtype) for s in shapes)
+
+    def shape(self, world_size: int) -> ProblemShape:
+        """Per-rank sizes of this problem split over ``world_size`` ranks."""
+        return ProblemShape(
+            batch=self.batch,
+            seq_local=self.seq_len // world_size,
+            q_heads=self.q_heads,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            itemsize=self.torch_dtype.itemsize,
+            lse_itemsize=8 if self.torch_dtype == torch.float64 else 4,
+        )
+
+    def planned_link_bytes(self, world_size: int) -> list[LinkTraffic]:
+        plan = build_plan(self.algorithm, self.resolved_layout, self.causal, world_size)
+        return plan.link_bytes(self.shape(world_size))
 
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = self.inputs()
