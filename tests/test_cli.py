@@ -89,7 +89,7 @@ def test_run_rejects_a_sequence_that_does_not_split_across_ranks():
 def test_run_reports_an_unknown_backend_in_one_line():
     done = tokenring("run", "--backend", "no-such-backend", *SMALL_PROBLEM)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        line for line in done.stderr.strip().splitlines() if line.startswith("error: ")
-    ]
-    assert "no-such-backend" in done.stderr
+    # torch itself may warn on stderr (e.g. when numpy is absent); ours is one line, no traceback.
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no-such-backend" in errors[0] and "'cpu'" in errors[0]
+    assert "Traceback" not in done.stderr

@@ -217,6 +217,7 @@ def _run_command(args: argparse.Namespace) -> int:
     from .plan import sum_by_link
     from .registry import registry
     from .testing.problems import TOLERANCE, Problem, relative_error
+    from .testing.tasks import from_bytes
 
     # Fail fast, before starting processes, when the backend cannot run here.
     registry.get(args.backend)
@@ -251,8 +252,8 @@ def _run_command(args: argparse.Namespace) -> int:
         )
 
     print("checking against the float64 reference...", file=sys.stderr)
-    out = unshard([torch.from_numpy(r["out"]) for r in results], layout=layout, dim=1)
-    lse = unshard([torch.from_numpy(r["lse"]) for r in results], layout=layout, dim=2)
+    out = unshard([from_bytes(r["out"]) for r in results], layout=layout, dim=1)
+    lse = unshard([from_bytes(r["lse"]) for r in results], layout=layout, dim=2)
     want_out, want_lse = problem.reference()
     rel_err_out = relative_error(out, want_out)
     rel_err_lse = relative_error(lse, want_lse)

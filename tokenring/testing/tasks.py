@@ -1,11 +1,14 @@
 """Functions that run on every rank of a `tokenring.launch.LocalWorld`.
 
 Each is called as ``task(rank, world_size, *args)`` and returns plain data
-(numbers, lists, numpy arrays), never live tensors.
+(numbers, lists, tensors serialised with `to_bytes`), never live tensors:
+a tensor sent through a multiprocessing queue as is would be shared through
+file descriptors that outlive the task.
 """
 
 from __future__ import annotations
 
+import io
 import statistics
 import time
 
@@ -15,6 +18,16 @@ import torch.distributed as dist
 import tokenring
 
 from .problems import Problem
+
+
+def to_bytes(tensor: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(tensor.detach().cpu().clone(), buffer)
+    return buffer.getvalue()
+
+
+def from_bytes(blob: bytes) -> torch.Tensor:
+    return torch.load(io.BytesIO(blob), weights_only=True)
 
 
 def _my_inputs(problem: Problem, rank: int, world_size: int):
@@ -38,11 +51,8 @@ def attention(rank: int, world_size: int, problem: Problem, backend: str | None 
             return_lse=True,
         )
     return {
-        "out": out.to(torch.float64).numpy(),
-        "out_dtype": str(out.dtype),
-        "out_shape": tuple(out.shape),
-        "lse": lse.to(torch.float64).numpy(),
-        "lse_dtype": str(lse.dtype),
+        "out": to_bytes(out),
+        "lse": to_bytes(lse),
         "sent": [t.to_json() for t in sent],
     }
 
