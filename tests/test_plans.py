@@ -83,7 +83,7 @@ def test_causal_zigzag_tokenring_sends_half_queries_after_the_wrap(world_size):
 
 def test_traffic_per_step_matches_the_design_table():
     # DESIGN §4, MHA, contiguous non-causal: Q is L*H*D elements, out+lse L*H*D + L*H.
-    shape = ProblemShape(batch=1, seq_local=128, q_heads=8, kv_heads=8, head_dim=64, itemsize=2, lse_itemsize=4)
+    shape = ProblemShape(batch=1, seq_local=128, q_heads=8, kv_heads=8, head_dim=64, itemsize=2, acc_itemsize=4)
     n = 4
     tokenring = build_plan("tokenring", "contiguous", False, n).link_bytes(shape)
     ring = build_plan("ring", "contiguous", False, n).link_bytes(shape)

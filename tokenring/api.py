@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from .executor import Executor
-from .interfaces import Backend, BackendError, LinkTraffic
+from .interfaces import Backend, BackendError, LinkTraffic, TokenRingError
 from .layout import Layout
 from .plan import Algorithm, build_plan
 from .registry import registry
@@ -95,6 +95,11 @@ def token_ring_attn(
     lse being (B, Hq, S_local) float32 (float64 for float64 inputs), the
     natural-log normaliser of each query row.
 
+    Differentiable in q, k and v (when the backend declares ``backward``):
+    the backward pass runs the same schedule with K and V still kept in
+    place. lse is not differentiable. Every rank must run the backward, as it
+    ran the forward. Double backward is not supported.
+
     Raises `tokenring.InputError` on every rank when any rank's arguments are
     invalid or the ranks disagree, `tokenring.BackendError` when no backend
     fits, and `tokenring.CommTimeout` when a peer stops answering.
@@ -107,8 +112,9 @@ def token_ring_attn(
     problem = local_problem(
         q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=algorithm, backend=chosen
     )
-    if problem is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        problem = "argument 'q': inputs require grad, but the backward pass is not implemented yet"
+    needs_grad = problem is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad and not chosen.capabilities.backward:
+        problem = f"argument 'q': inputs require grad, but backend {chosen.name!r} has no backward pass"
     signature = call_signature(
         q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=algorithm,
         backend=chosen, world_size=comm.world_size,
@@ -118,12 +124,53 @@ def token_ring_attn(
 
     plan = build_plan(Algorithm(algorithm), Layout(layout), causal, comm.world_size)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    if needs_grad:
+        backward_plan = build_plan(Algorithm(algorithm), Layout(layout), causal, comm.world_size, backward=True)
+        out, lse = _Attention.apply(q, k, v, executor, plan, backward_plan, scale, wait_s)
+    else:
+        with _recording(comm):
+            out, lse = executor.forward(plan, q, k, v, scale=scale, timeout_s=wait_s)
+    return (out, lse) if return_lse else out
+
+
+@contextlib.contextmanager
+def _recording(comm):
+    """Hand what the Comm sends during the block to an active `record_traffic`."""
     comm.sent.clear()
     try:
-        out, lse = executor.run(plan, q, k, v, scale=scale, timeout_s=wait_s)
+        yield
     finally:
         log = _traffic_log.get()
         if log is not None:
             log.extend(comm.sent)
         comm.sent.clear()
-    return (out, lse) if return_lse else out
+
+
+class _Attention(torch.autograd.Function):
+    """token_ring_attn as one autograd node; its backward runs the backward plan.
+
+    lse is returned but is not differentiable: gradients flow through out only.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, executor, plan, backward_plan, scale, wait_s):
+        with _recording(executor.comm):
+            out, lse = executor.forward(plan, q, k, v, scale=scale, timeout_s=wait_s)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.executor, ctx.backward_plan, ctx.scale, ctx.wait_s = executor, backward_plan, scale, wait_s
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        if torch.is_grad_enabled():
+            raise TokenRingError(
+                "token_ring_attn does not support double backward (create_graph=True): "
+                "its backward is not itself differentiable"
+            )
+        q, k, v, out, lse = ctx.saved_tensors
+        with _recording(ctx.executor.comm):
+            dq, dk, dv = ctx.executor.backward(
+                ctx.backward_plan, q, k, v, out, lse, dout.contiguous(), scale=ctx.scale, timeout_s=ctx.wait_s
+            )
+        return dq, dk, dv, None, None, None, None, None

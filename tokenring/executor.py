@@ -1,10 +1,11 @@
-"""Runs any `Plan` on one rank.
+"""Runs any `Plan`, forward or backward, on one rank.
 
 Each step: post the step's sends and receives (one batch per channel), compute
 the step's block while they are in flight, wait, then fold in what arrived.
 That overlap is the algorithm. A buffer that was sent is only reused after the
 step that sent it has been waited on, so a send in flight never sees its data
-change.
+change, and a partial result is given back to the pool as soon as it has been
+folded in.
 """
 
 from __future__ import annotations
@@ -14,35 +15,54 @@ from dataclasses import dataclass
 import torch
 
 from .interfaces import AttentionKernel, Channel, Comm, Handle, Recv, Send
-from .merge import merge_partial_
 from .plan import Block, Part, Payload, Plan, ProblemShape, Step, Transfer
 
 Key = tuple[Payload, int]  # (what, whose)
 
+# Which dimension of each message section is the sequence.
+_SEQ_DIM = {"q": 1, "dout": 1, "out": 1, "dq": 1, "k": 1, "v": 1, "lse": 2, "kv": 2, "dkv": 2}
+
 
 @dataclass
 class _Held:
-    tensor: torch.Tensor
+    sections: dict[str, torch.Tensor]
     part: Part
-    pooled: bool  # came from the buffer pool, goes back to it when released
+    buffer: torch.Tensor | None = None  # the pooled message buffer behind the sections, if any
 
 
 class _BufferPool:
-    """Receive buffers reused across steps (and across calls with equal shapes)."""
+    """Receive and packing buffers reused across steps and calls of equal shapes."""
 
     def __init__(self) -> None:
         self._free: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[torch.Tensor]] = {}
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        free = self._free.get((shape, dtype, device))
+        free = self._free.get((tuple(shape), dtype, device))
         return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
 
     def give(self, tensor: torch.Tensor) -> None:
         self._free.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(tensor)
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for free in self._free.values() for t in free)
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def narrow(tensor: torch.Tensor, held: Part, wanted: Part, seq_dim: int) -> torch.Tensor:
+    """The ``wanted`` part of a tensor that holds the ``held`` part of a shard."""
+    if held is wanted:
+        return tensor
+    if held is not Part.ALL:
+        raise RuntimeError(f"plan error: holds the {held.value} part but needs the {wanted.value} part")
+    half = tensor.shape[seq_dim] // 2
+    return tensor.narrow(seq_dim, 0 if wanted is Part.FIRST else half, half)
+
+
+def _narrow_sections(held: _Held, part: Part) -> dict[str, torch.Tensor]:
+    return {name: narrow(t, held.part, part, _SEQ_DIM[name]) for name, t in held.sections.items()}
 
 
 class Executor:
@@ -51,36 +71,34 @@ class Executor:
     def __init__(self, comm: Comm, kernel: AttentionKernel) -> None:
         self.comm = comm
         self.kernel = kernel
-        self._pool = _BufferPool()
+        self.pool = _BufferPool()
 
-    def run(
-        self,
-        plan: Plan,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        scale: float,
-        timeout_s: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        run = _Run(self, plan, q, k, v, scale)
-        for step in plan.steps:
-            run.step(step, timeout_s)
-        return run.result()
+    def forward(self, plan: Plan, q, k, v, *, scale: float, timeout_s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of this rank's queries."""
+        return _ForwardRun(self, plan, q, k, v, scale).run(timeout_s)
+
+    def backward(
+        self, plan: Plan, q, k, v, out, lse, dout, *, scale: float, timeout_s: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dq, dk, dv) of this rank's shard, in the inputs' dtypes."""
+        return _BackwardRun(self, plan, q, k, v, out, lse, dout, scale).run(timeout_s)
 
 
 class _Run:
+    """The step loop shared by both passes; subclasses say what a block and an arrival do."""
+
+    query_payload = Payload.QUERY
+
     def __init__(self, executor: Executor, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
         self.comm = executor.comm
         self.kernel = executor.kernel
-        self.pool = executor._pool
+        self.pool = executor.pool
         self.plan = plan
         self.rank = self.comm.rank
         self.scale = scale
-        self.q = q
         self.dtype = q.dtype
         self.device = q.device
-        acc_dtype = accumulation_dtype(q.dtype)
+        self.acc_dtype = accumulation_dtype(q.dtype)
         batch, seq, q_heads, head_dim = q.shape
         self.shape = ProblemShape(
             batch=batch,
@@ -89,109 +107,88 @@ class _Run:
             kv_heads=k.shape[2],
             head_dim=head_dim,
             itemsize=q.element_size(),
-            lse_itemsize=torch.empty((), dtype=acc_dtype).element_size(),
+            acc_itemsize=torch.empty((), dtype=self.acc_dtype).element_size(),
         )
-        self.acc_dtype = acc_dtype
-        self.acc_out: torch.Tensor | None = None
-        self.acc_lse: torch.Tensor | None = None
-        self.held: dict[Key, _Held] = {(Payload.QUERY, self.rank): _Held(q, Part.ALL, pooled=False)}
         self.local_kv = (k, v)
-        self.release_after = _release_schedule(plan, self.rank)
+        self.held: dict[Key, _Held] = {}
+        self._packed_for_send: list[torch.Tensor] = []  # pooled copies, free again once their step is waited
+        self.release_after = _release_schedule(plan, self.rank, self.query_payload)
 
-    # -- tensors by part ---------------------------------------------------
+    def run(self, timeout_s: float):
+        try:
+            for step in self.plan.steps:
+                self._step(step, timeout_s)
+            return self.result()
+        finally:
+            for key in list(self.held):
+                self._release(key)
 
-    @staticmethod
-    def _narrow(tensor: torch.Tensor, held: Part, wanted: Part, seq_dim: int) -> torch.Tensor:
-        if held is wanted:
-            return tensor
-        if held is not Part.ALL:
-            raise RuntimeError(f"plan error: holds {held.value} but needs {wanted.value}")
-        half = tensor.shape[seq_dim] // 2
-        return tensor.narrow(seq_dim, 0 if wanted is Part.FIRST else half, half)
+    # -- messages --------------------------------------------------------------
 
-    def _key_value(self, owner: int, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
-        if owner == self.rank:
-            k, v = self.local_kv
-            return self._narrow(k, Part.ALL, part, 1), self._narrow(v, Part.ALL, part, 1)
-        held = self.held[(Payload.KEY_VALUE, owner)]
-        packed = self._narrow(held.tensor, held.part, part, 2)
-        return packed[0], packed[1]
+    def _dtype_of(self, accumulator: bool) -> torch.dtype:
+        return self.acc_dtype if accumulator else self.dtype
 
-    def _query(self, owner: int, part: Part) -> torch.Tensor:
-        held = self.held[(Payload.QUERY, owner)]
-        return self._narrow(held.tensor, held.part, part, 1)
+    def _message_buffer(self, payload: Payload, part: Part) -> torch.Tensor:
+        sections = self.shape.sections(payload, part)
+        if len(sections) == 1:
+            return self.pool.take(sections[0].shape, self._dtype_of(sections[0].accumulator), self.device)
+        return self.pool.take((self.shape.payload_bytes(payload, part),), torch.uint8, self.device)
+
+    def _unpack(self, payload: Payload, part: Part, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        spans = self.shape.section_spans(payload, part)
+        if len(spans) == 1:
+            return {spans[0][0].name: buffer}
+        return {
+            section.name: buffer[offset : offset + nbytes].view(self._dtype_of(section.accumulator)).view(section.shape)
+            for section, offset, nbytes in spans
+        }
+
+    def _pack(self, payload: Payload, part: Part, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One message holding ``tensors``; a single tensor is sent as it is."""
+        if len(tensors) == 1:
+            (tensor,) = tensors.values()
+            return tensor.contiguous()
+        buffer = self._message_buffer(payload, part)
+        for name, view in self._unpack(payload, part, buffer).items():
+            view.copy_(tensors[name])
+        return buffer
+
+    def _hold(self, key: Key, part: Part, buffer: torch.Tensor) -> None:
+        self._release(key)
+        self.held[key] = _Held(self._unpack(key[0], part, buffer), part, buffer)
+
+    def _release(self, key: Key) -> None:
+        held = self.held.pop(key, None)
+        if held is not None and held.buffer is not None:
+            self.pool.give(held.buffer)
 
     def _outgoing(self, t: Transfer) -> torch.Tensor:
-        if t.payload is Payload.KEY_VALUE and t.owner == self.rank and (Payload.KEY_VALUE, t.owner) not in self.held:
-            k, v = self.local_kv
-            self.held[(Payload.KEY_VALUE, t.owner)] = _Held(torch.stack((k, v)), Part.ALL, pooled=False)
         held = self.held[(t.payload, t.owner)]
-        if t.payload is Payload.PARTIAL:
-            return held.tensor
-        return self._narrow(held.tensor, held.part, t.part, 2 if t.payload is Payload.KEY_VALUE else 1).contiguous()
+        if held.part is t.part and held.buffer is not None:
+            return held.buffer  # already one packed message
+        message = self._pack(t.payload, t.part, _narrow_sections(held, t.part))
+        if len(held.sections) > 1:
+            self._packed_for_send.append(message)
+        return message
 
-    def _receive_buffer(self, t: Transfer) -> torch.Tensor:
-        s = self.shape
-        length = s.part_len(t.part)
-        if t.payload is Payload.QUERY:
-            return self.pool.take((s.batch, length, s.q_heads, s.head_dim), self.dtype, self.device)
-        if t.payload is Payload.KEY_VALUE:
-            return self.pool.take((2, s.batch, length, s.kv_heads, s.head_dim), self.dtype, self.device)
-        return self.pool.take((s.payload_bytes(Payload.PARTIAL, t.part),), torch.uint8, self.device)
+    # -- one step --------------------------------------------------------------
 
-    # -- partial results -----------------------------------------------------
-
-    def _pack_partial(self, out: torch.Tensor, lse: torch.Tensor, part: Part) -> torch.Tensor:
-        out_bytes, lse_bytes = self.shape.partial_sections(part)
-        packed = self.pool.take((out_bytes + lse_bytes,), torch.uint8, self.device)
-        out_view, lse_view = self._partial_views(packed, part)
-        out_view.copy_(out)
-        lse_view.copy_(lse)
-        return packed
-
-    def _partial_views(self, packed: torch.Tensor, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.shape
-        length = s.part_len(part)
-        out_bytes, _ = self.shape.partial_sections(part)
-        out_numel = s.batch * length * s.q_heads * s.head_dim
-        out_view = packed[: out_numel * s.itemsize].view(self.dtype).view(s.batch, length, s.q_heads, s.head_dim)
-        lse_view = packed[out_bytes:].view(self.acc_dtype).view(s.batch, s.q_heads, length)
-        return out_view, lse_view
-
-    def _accumulate(self, out: torch.Tensor, lse: torch.Tensor, part: Part) -> None:
-        if self.acc_out is None:
-            if part is Part.ALL:  # first contribution covers everything: take it as is
-                self.acc_out = out.to(self.acc_dtype, copy=True)
-                self.acc_lse = lse.to(self.acc_dtype, copy=True)
-                return
-            self.acc_out = torch.zeros(self.q.shape, dtype=self.acc_dtype, device=self.device)
-            self.acc_lse = torch.full(
-                (self.shape.batch, self.shape.q_heads, self.shape.seq_local),
-                float("-inf"),
-                dtype=self.acc_dtype,
-                device=self.device,
-            )
-        assert self.acc_lse is not None
-        acc_out = self._narrow(self.acc_out, Part.ALL, part, 1)
-        acc_lse = self._narrow(self.acc_lse, Part.ALL, part, 2)
-        merge_partial_(acc_out, acc_lse, out, lse)
-
-    # -- one step ------------------------------------------------------------
-
-    def step(self, step: Step, timeout_s: float) -> None:
+    def _step(self, step: Step, timeout_s: float) -> None:
         incoming = [t for t in step.transfers if t.dst == self.rank]
         outgoing = [t for t in step.transfers if t.src == self.rank]
         handles: list[Handle] = []
         received: list[tuple[Transfer, torch.Tensor]] = []
+        sent: list[torch.Tensor] = []  # kept alive until the step's wait
         for channel in (Channel.QUERY, Channel.PARTIAL):
             sends = [Send(t.dst, self._outgoing(t)) for t in outgoing if t.payload.channel is channel]
             recvs = []
             for t in incoming:
                 if t.payload.channel is channel:
-                    buffer = self._receive_buffer(t)
+                    buffer = self._message_buffer(t.payload, t.part)
                     received.append((t, buffer))
                     recvs.append(Recv(t.src, buffer))
             if sends or recvs:
+                sent.extend(s.tensor for s in sends)
                 handles.append(self.comm.exchange(sends, recvs, channel=channel, step=step.index))
 
         block = step.block_of(self.rank)
@@ -200,50 +197,153 @@ class _Run:
 
         for handle in handles:
             handle.wait(timeout_s)
-
+        for buffer in self._packed_for_send:
+            self.pool.give(buffer)
+        self._packed_for_send.clear()
         for t, buffer in received:
-            if t.payload is Payload.PARTIAL:
-                self._accumulate(*self._partial_views(buffer, t.part), t.part)
-                self.pool.give(buffer)
-            else:
-                self._release((t.payload, t.owner))
-                self.held[(t.payload, t.owner)] = _Held(buffer, t.part, pooled=True)
+            self._arrive(t, buffer)
         for key in self.release_after.get(step.index, ()):
             self._release(key)
 
+    def _key_value(self, owner: int, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+        if owner == self.rank:
+            k, v = self.local_kv
+            return narrow(k, Part.ALL, part, 1), narrow(v, Part.ALL, part, 1)
+        kv = _narrow_sections(self.held[(Payload.KEY_VALUE, owner)], part)["kv"]
+        return kv[0], kv[1]
+
+    def _add_into(self, accumulator: torch.Tensor, part: Part, value: torch.Tensor, seq_dim: int) -> None:
+        narrow(accumulator, Part.ALL, part, seq_dim).add_(value)
+
     def _compute(self, block: Block) -> None:
-        q = self._query(block.q_owner, block.q_part)
+        raise NotImplementedError
+
+    def _arrive(self, t: Transfer, buffer: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def result(self):
+        raise NotImplementedError
+
+
+class _ForwardRun(_Run):
+    def __init__(self, executor, plan, q, k, v, scale):
+        super().__init__(executor, plan, q, k, v, scale)
+        self.held[(Payload.QUERY, self.rank)] = _Held({"q": q}, Part.ALL)
+        if any(t.payload is Payload.KEY_VALUE and t.src == self.rank for _, t in plan.transfers()):
+            self.held[(Payload.KEY_VALUE, self.rank)] = _Held({"kv": torch.stack((k, v))}, Part.ALL)
+        self.acc_out: torch.Tensor | None = None
+        self.acc_lse: torch.Tensor | None = None
+        self.q_shape = q.shape
+
+    def _accumulate(self, out: torch.Tensor, lse: torch.Tensor, part: Part) -> None:
+        from .merge import merge_partial_
+
+        if self.acc_out is None:
+            if part is Part.ALL:  # the first contribution covers every row: take it as is
+                self.acc_out = out.to(self.acc_dtype, copy=True)
+                self.acc_lse = lse.to(self.acc_dtype, copy=True)
+                return
+            self.acc_out = torch.zeros(self.q_shape, dtype=self.acc_dtype, device=self.device)
+            self.acc_lse = torch.full(
+                (self.shape.batch, self.shape.q_heads, self.shape.seq_local),
+                float("-inf"),
+                dtype=self.acc_dtype,
+                device=self.device,
+            )
+        assert self.acc_lse is not None
+        merge_partial_(narrow(self.acc_out, Part.ALL, part, 1), narrow(self.acc_lse, Part.ALL, part, 2), out, lse)
+
+    def _compute(self, block: Block) -> None:
+        q = _narrow_sections(self.held[(Payload.QUERY, block.q_owner)], block.q_part)["q"]
         k, v = self._key_value(block.kv_owner, block.kv_part)
         out, lse = self.kernel.forward(q, k, v, scale=self.scale, mask=block.mask)
         if block.q_owner == self.rank:
             self._accumulate(out, lse, block.q_part)
         else:
-            packed = self._pack_partial(out, lse, block.q_part)
-            self.held[(Payload.PARTIAL, block.q_owner)] = _Held(packed, block.q_part, pooled=True)
+            packed = self._pack(Payload.PARTIAL, block.q_part, {"out": out, "lse": lse})
+            self._hold((Payload.PARTIAL, block.q_owner), block.q_part, packed)
 
-    def _release(self, key: Key) -> None:
-        held = self.held.pop(key, None)
-        if held is not None and held.pooled:
-            self.pool.give(held.tensor)
+    def _arrive(self, t: Transfer, buffer: torch.Tensor) -> None:
+        if t.payload is Payload.PARTIAL:
+            sections = self._unpack(t.payload, t.part, buffer)
+            self._accumulate(sections["out"], sections["lse"], t.part)
+            self.pool.give(buffer)
+        else:
+            self._hold((t.payload, t.owner), t.part, buffer)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        for key in list(self.held):
-            if key[1] != self.rank:
-                self._release(key)
-        self.held.clear()
         if self.acc_out is None or self.acc_lse is None:
             raise RuntimeError(f"plan error: rank {self.rank} received no result for its queries")
         return self.acc_out.to(self.dtype), self.acc_lse
 
 
-def _release_schedule(plan: Plan, rank: int) -> dict[int, list[Key]]:
+class _BackwardRun(_Run):
+    query_payload = Payload.GRAD_QUERY
+
+    def __init__(self, executor, plan, q, k, v, out, lse, dout, scale):
+        super().__init__(executor, plan, q, k, v, scale)
+        self.input_dtypes = (q.dtype, k.dtype, v.dtype)
+        mine = {"q": q, "dout": dout, "out": out, "lse": lse}
+        self.held[(Payload.GRAD_QUERY, self.rank)] = _Held(mine, Part.ALL)
+        if any(t.payload is Payload.KEY_VALUE and t.src == self.rank for _, t in plan.transfers()):
+            self.held[(Payload.KEY_VALUE, self.rank)] = _Held({"kv": torch.stack((k, v))}, Part.ALL)
+        self.dq = torch.zeros(q.shape, dtype=self.acc_dtype, device=self.device)
+        self.dk = torch.zeros(k.shape, dtype=self.acc_dtype, device=self.device)
+        self.dv = torch.zeros(v.shape, dtype=self.acc_dtype, device=self.device)
+
+    def _compute(self, block: Block) -> None:
+        mine = _narrow_sections(self.held[(Payload.GRAD_QUERY, block.q_owner)], block.q_part)
+        k, v = self._key_value(block.kv_owner, block.kv_part)
+        dq, dk, dv = self.kernel.backward(
+            mine["dout"], mine["q"], k, v, mine["out"], mine["lse"], scale=self.scale, mask=block.mask
+        )
+        if block.q_owner == self.rank:
+            self._add_into(self.dq, block.q_part, dq, 1)
+        else:
+            self._hold((Payload.GRAD_PARTIAL, block.q_owner), block.q_part, dq.contiguous())
+        if block.kv_owner == self.rank:
+            self._add_into(self.dk, block.kv_part, dk, 1)
+            self._add_into(self.dv, block.kv_part, dv, 1)
+        else:
+            travelling = self._travelling_grad_kv(block.kv_owner)
+            self._add_into(travelling[0], block.kv_part, dk, 1)
+            self._add_into(travelling[1], block.kv_part, dv, 1)
+
+    def _travelling_grad_kv(self, owner: int) -> torch.Tensor:
+        """The running sum of dk/dv for ``owner``'s keys, held here on its way home."""
+        key = (Payload.GRAD_KEY_VALUE, owner)
+        if key not in self.held:
+            buffer = self._message_buffer(Payload.GRAD_KEY_VALUE, Part.ALL).zero_()
+            self._hold(key, Part.ALL, buffer)
+        return self.held[key].sections["dkv"]
+
+    def _arrive(self, t: Transfer, buffer: torch.Tensor) -> None:
+        if t.payload is Payload.GRAD_PARTIAL:
+            self._add_into(self.dq, t.part, buffer, 1)
+            self.pool.give(buffer)
+        elif t.payload is Payload.GRAD_KEY_VALUE:
+            if t.owner == self.rank:
+                self._add_into(self.dk, t.part, buffer[0], 1)
+                self._add_into(self.dv, t.part, buffer[1], 1)
+            else:
+                self._add_into(self._travelling_grad_kv(t.owner), t.part, buffer, 2)
+            self.pool.give(buffer)
+        else:
+            self._hold((t.payload, t.owner), t.part, buffer)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q_dtype, k_dtype, v_dtype = self.input_dtypes
+        return self.dq.to(q_dtype), self.dk.to(k_dtype), self.dv.to(v_dtype)
+
+
+def _release_schedule(plan: Plan, rank: int, query_payload: Payload) -> dict[int, list[Key]]:
     """After which step each travelling tensor held by ``rank`` is last used."""
     last_use: dict[Key, int] = {}
     for step in plan.steps:
         block = step.block_of(rank)
         if block is not None:
             if block.q_owner != rank:
-                last_use[(Payload.QUERY, block.q_owner)] = step.index
+                last_use[(query_payload, block.q_owner)] = step.index
             if block.kv_owner != rank:
                 last_use[(Payload.KEY_VALUE, block.kv_owner)] = step.index
         for t in step.transfers:

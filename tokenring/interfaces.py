@@ -95,6 +95,29 @@ class AttentionKernel(abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (out, lse); out has q's shape and dtype."""
 
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        *,
+        scale: float,
+        mask: Mask,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients (dq, dk, dv) of one block, in the dtypes of q, k and v.
+
+        ``out`` and ``lse`` are the *final* output and log-sum-exp of these
+        query rows over all keys (not this block's), so that the block's
+        probabilities are exp(scores - lse) and delta = rowsum(dout * out).
+        dk and dv are summed over each group of query heads (GQA). A row with
+        lse = -inf (it saw no key anywhere) gets zero gradients, never NaN.
+        Backends that declare ``Capabilities.backward`` implement this.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no block backward")
+
 
 @dataclass(frozen=True)
 class Send:

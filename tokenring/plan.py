@@ -28,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from .interfaces import Channel, LinkTraffic, Mask
 from .layout import Layout, parse_layout
@@ -68,14 +69,33 @@ class Part(str, enum.Enum):
         return 2 if self is Part.ALL else 1
 
 
+class Pass(str, enum.Enum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
 class Payload(str, enum.Enum):
-    QUERY = "query"            # q of the owner, (B, L, Hq, D)
-    KEY_VALUE = "key_value"    # k and v of the owner, packed as (2, B, L, Hkv, D)
-    PARTIAL = "partial"        # (out, lse) of the owner's queries, packed in one message
+    # forward
+    QUERY = "query"            # q of the owner
+    KEY_VALUE = "key_value"    # k and v of the owner, packed together
+    PARTIAL = "partial"        # (out, lse) of the owner's queries from one block
+    # backward
+    GRAD_QUERY = "grad_query"  # (q, dout, out, lse) of the owner, packed together
+    GRAD_PARTIAL = "grad_partial"  # dq of the owner's queries from one block
+    GRAD_KEY_VALUE = "grad_key_value"  # (dk, dv) of the owner, summed over the holders so far
 
     @property
     def channel(self) -> Channel:
-        return Channel.PARTIAL if self is Payload.PARTIAL else Channel.QUERY
+        results = (Payload.PARTIAL, Payload.GRAD_PARTIAL, Payload.GRAD_KEY_VALUE)
+        return Channel.PARTIAL if self in results else Channel.QUERY
+
+
+class Section(NamedTuple):
+    """One tensor inside a message."""
+
+    name: str
+    shape: tuple[int, ...]
+    accumulator: bool  # in the accumulation dtype (float32/float64), else in the inputs' dtype
 
 
 @dataclass(frozen=True)
@@ -127,30 +147,46 @@ class ProblemShape:
     kv_heads: int
     head_dim: int
     itemsize: int          # bytes per element of q, k, v
-    lse_itemsize: int = 4  # float32 (8 when inputs are float64)
+    acc_itemsize: int = 4  # accumulation dtype: float32, or float64 for float64 inputs
 
     def part_len(self, part: Part) -> int:
         return self.seq_local if part is Part.ALL else self.seq_local // 2
 
-    def payload_bytes(self, payload: Payload, part: Part) -> int:
+    def sections(self, payload: Payload, part: Part) -> tuple[Section, ...]:
+        """The tensors one message carries, in order."""
         length = self.part_len(part)
+        rows = (self.batch, length, self.q_heads, self.head_dim)
+        key_value = (2, self.batch, length, self.kv_heads, self.head_dim)
+        lse = Section("lse", (self.batch, self.q_heads, length), True)
         if payload is Payload.QUERY:
-            return self.batch * length * self.q_heads * self.head_dim * self.itemsize
+            return (Section("q", rows, False),)
         if payload is Payload.KEY_VALUE:
-            return 2 * self.batch * length * self.kv_heads * self.head_dim * self.itemsize
-        out_bytes, lse_bytes = self.partial_sections(part)
-        return out_bytes + lse_bytes
+            return (Section("kv", key_value, False),)
+        if payload is Payload.PARTIAL:
+            return (Section("out", rows, False), lse)
+        if payload is Payload.GRAD_QUERY:
+            return (Section("q", rows, False), Section("dout", rows, False), Section("out", rows, False), lse)
+        if payload is Payload.GRAD_PARTIAL:
+            return (Section("dq", rows, False),)
+        return (Section("dkv", key_value, True),)
 
-    def partial_sections(self, part: Part) -> tuple[int, int]:
-        """Byte sizes of the out and lse sections of a packed partial.
+    def section_spans(self, payload: Payload, part: Part) -> list[tuple[Section, int, int]]:
+        """(section, byte offset, byte length) of each section of a packed message.
 
-        The out section is padded to a multiple of 8 bytes so the lse section
-        that follows it is aligned for any float type.
+        Every section but the last is padded to a multiple of 8 bytes so the
+        next one is aligned for any float type.
         """
-        length = self.part_len(part)
-        out_bytes = self.batch * length * self.q_heads * self.head_dim * self.itemsize
-        out_bytes = -(-out_bytes // 8) * 8
-        return out_bytes, self.batch * self.q_heads * length * self.lse_itemsize
+        spans = []
+        offset = 0
+        for section in self.sections(payload, part):
+            nbytes = math.prod(section.shape) * (self.acc_itemsize if section.accumulator else self.itemsize)
+            spans.append((section, offset, nbytes))
+            offset += -(-nbytes // 8) * 8
+        return spans
+
+    def payload_bytes(self, payload: Payload, part: Part) -> int:
+        _, offset, nbytes = self.section_spans(payload, part)[-1]
+        return offset + nbytes
 
 
 @dataclass(frozen=True)
@@ -161,6 +197,7 @@ class Plan:
     world_size: int
     direction: int  # +1: travelling tensors go r -> r+1; -1: r -> r-1
     steps: tuple[Step, ...]
+    backward: bool = False  # the gradient pass of the same schedule
 
     def transfers(self) -> Iterator[tuple[int, Transfer]]:
         for step in self.steps:
@@ -177,6 +214,7 @@ class Plan:
         lines = [
             f"{self.algorithm.value} plan, {self.layout.value} layout, "
             f"{'causal' if self.causal else 'non-causal'}, N={self.world_size}, direction {self.direction:+d}"
+            f"{', backward' if self.backward else ''}"
         ]
         for step in self.steps:
             lines.append(f"step {step.index}:")
@@ -280,20 +318,69 @@ _NOMINAL_SHAPE = ProblemShape(batch=1, seq_local=2, q_heads=1, kv_heads=1, head_
 
 
 @functools.lru_cache(maxsize=256)
+def _backward_steps(forward: Plan) -> tuple[Step, ...]:
+    """The gradient pass: the forward's blocks and travel, with gradient payloads.
+
+    TokenRing: (q, dout, out, lse) travel where q did, and each block's dq goes
+    back to its owner where the partial (out, lse) did; dk and dv never move.
+    Ring: k and v travel as before, and the dk/dv each holder adds follow them
+    one step behind, summed on the way, until they reach their owner (one
+    extra step after the last compute).
+    """
+    renamed = {
+        Payload.QUERY: Payload.GRAD_QUERY,
+        Payload.PARTIAL: Payload.GRAD_PARTIAL,
+        Payload.KEY_VALUE: Payload.KEY_VALUE,
+    }
+    steps = [
+        Step(s.index, s.blocks, tuple(dataclasses.replace(t, payload=renamed[t.payload]) for t in s.transfers))
+        for s in forward.steps
+    ]
+    n = forward.world_size
+    if forward.algorithm is not Algorithm.RING or n == 1:
+        return tuple(steps)
+    steps.append(Step(n, (), ()))
+    transfers: list[list[Transfer]] = [list(s.transfers) for s in steps]
+
+    def holder(owner: int, hops: int) -> int:
+        return (owner + hops * forward.direction) % n
+
+    for owner in range(n):
+        summed: Part | None = None  # the part of dk/dv the travelling sum covers so far
+        for index in range(1, n + 1):
+            if summed is not None:
+                transfers[index].append(
+                    Transfer(holder(owner, index - 1), holder(owner, index), Payload.GRAD_KEY_VALUE, owner, summed)
+                )
+            block = steps[index].block_of(holder(owner, index)) if index < n else None
+            if block is not None and block.kv_owner == owner:
+                summed = block.kv_part.union(summed)
+    return tuple(Step(s.index, s.blocks, tuple(t)) for s, t in zip(steps, transfers))
+
+
+@functools.lru_cache(maxsize=256)
 def build_plan(
     algorithm: "Algorithm | str",
     layout: "Layout | str",
     causal: bool,
     world_size: int,
     direction: int | None = None,
+    backward: bool = False,
 ) -> Plan:
-    """The schedule of one attention call. Pure; cached."""
+    """The schedule of one attention call (or of its gradient, with ``backward``). Pure; cached.
+
+    The backward plan travels the same way as the forward plan of the same
+    arguments, so a forward and its backward always agree on direction.
+    """
     algorithm = parse_algorithm(algorithm)
     layout = parse_layout(layout)
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if direction not in (None, 1, -1):
         raise ValueError(f"direction must be +1, -1 or None, got {direction}")
+    if backward:
+        forward = build_plan(algorithm, layout, causal, world_size, direction)
+        return dataclasses.replace(forward, steps=_backward_steps(forward), backward=True)
     candidates = [direction] if direction is not None else [1, -1]
     plans = [
         Plan(algorithm, layout, bool(causal), world_size, d, _build_steps(algorithm, layout, bool(causal), world_size, d))
@@ -310,6 +397,7 @@ def plan_summary(plan: Plan) -> dict:
         "causal": plan.causal,
         "world_size": plan.world_size,
         "direction": plan.direction,
+        "backward": plan.backward,
         "steps": [
             {
                 "index": s.index,

@@ -19,7 +19,7 @@ def reference_attention(
     which is the usual mask when Sq == Sk). A row with no visible key gives
     out 0 and lse -inf.
     """
-    q64, k64, v64 = (t.detach().to(torch.float64) for t in (q, k, v))
+    q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))  # differentiable, for gradient references
     group = q.shape[2] // k.shape[2]
     if group > 1:
         k64 = k64.repeat_interleave(group, dim=2)

@@ -20,7 +20,7 @@ class CpuBackend(Backend):
         head_dims=None,
         gqa=True,
         causal=True,
-        backward=False,
+        backward=True,
         max_world_size=None,
     )
 

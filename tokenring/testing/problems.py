@@ -76,7 +76,7 @@ class Problem:
             kv_heads=self.kv_heads,
             head_dim=self.head_dim,
             itemsize=self.torch_dtype.itemsize,
-            lse_itemsize=8 if self.torch_dtype == torch.float64 else 4,
+            acc_itemsize=8 if self.torch_dtype == torch.float64 else 4,
         )
 
     def planned_link_bytes(self, world_size: int) -> list[LinkTraffic]:
@@ -86,6 +86,18 @@ class Problem:
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = self.inputs()
         return reference_attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale)
+
+    def grad_output(self) -> torch.Tensor:
+        """A fresh random gradient of the full-sequence output, in the dtype."""
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        shape = (self.batch, self.seq_len, self.q_heads, self.head_dim)
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(self.torch_dtype)
+
+    def reference_grads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dq, dk, dv) of the full sequence in float64 by autograd, for `grad_output`."""
+        q, k, v = (t.to(torch.float64).requires_grad_() for t in self.inputs())
+        out, _ = reference_attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale)
+        return torch.autograd.grad(out, (q, k, v), self.grad_output().to(torch.float64))
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -57,6 +57,31 @@ def attention(rank: int, world_size: int, problem: Problem, backend: str | None 
     }
 
 
+def attention_with_grads(rank: int, world_size: int, problem: Problem, backend: str | None = None) -> dict:
+    """Forward and backward on this rank's shard; returns out, dq, dk, dv and the bytes of each pass."""
+    q, k, v = (t.requires_grad_() for t in _my_inputs(problem, rank, world_size))
+    dout = tokenring.shard(problem.grad_output(), rank, world_size, layout=problem.resolved_layout)
+    with tokenring.record_traffic() as forward_sent:
+        out = tokenring.token_ring_attn(
+            q, k, v,
+            causal=problem.causal,
+            softmax_scale=problem.softmax_scale,
+            backend=backend,
+            layout=problem.layout,
+            algorithm=problem.algorithm,
+        )
+    with tokenring.record_traffic() as backward_sent:
+        out.backward(dout)
+    return {
+        "out": to_bytes(out),
+        "dq": to_bytes(q.grad),
+        "dk": to_bytes(k.grad),
+        "dv": to_bytes(v.grad),
+        "sent": [t.to_json() for t in forward_sent],
+        "backward_sent": [t.to_json() for t in backward_sent],
+    }
+
+
 def timed_attention(rank: int, world_size: int, problem: Problem, repeats: int, backend: str | None = None) -> dict:
     """`attention` once for checking, then ``repeats`` timed calls, each started together."""
     result = attention(rank, world_size, problem, backend)
