@@ -15,8 +15,9 @@ VARIANTS = list(itertools.product(["tokenring", "ring"], ["contiguous", "zigzag"
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("algorithm,layout,causal", VARIANTS)
 @pytest.mark.parametrize("direction", [1, -1])
-def test_every_query_meets_every_visible_key_exactly_once(algorithm, layout, causal, world_size, direction):
-    check_plan(build_plan(algorithm, layout, causal, world_size, direction))
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_every_query_meets_every_visible_key_exactly_once(algorithm, layout, causal, world_size, direction, backward):
+    check_plan(build_plan(algorithm, layout, causal, world_size, direction, backward=backward))
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -119,6 +120,10 @@ def test_the_checker_catches_a_broken_plan():
     dropped = good.__class__(**{**good.__dict__, "steps": good.steps[:-1]})
     with pytest.raises(PlanError, match="never sends"):
         check_plan(dropped)
+    ring = build_plan("ring", "contiguous", False, 3, backward=True)
+    without_last_grads = ring.__class__(**{**ring.__dict__, "steps": ring.steps[:-1]})
+    with pytest.raises(PlanError, match="dk/dv"):
+        check_plan(without_last_grads)
 
 
 def test_bad_plan_arguments_are_rejected():
@@ -128,3 +133,23 @@ def test_bad_plan_arguments_are_rejected():
         build_plan(Algorithm.RING, "striped", False, 2)
     with pytest.raises(ValueError, match="world_size"):
         build_plan("ring", "contiguous", False, 0)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 8])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tokenring_backward_never_moves_keys_values_or_their_gradients(world_size, causal):
+    plan = build_plan("tokenring", "zigzag" if causal else "contiguous", causal, world_size, backward=True)
+    forward = build_plan("tokenring", "zigzag" if causal else "contiguous", causal, world_size)
+    assert {t.payload for _, t in plan.transfers()} == {Payload.GRAD_QUERY, Payload.GRAD_PARTIAL}
+    assert [s.blocks for s in plan.steps] == [s.blocks for s in forward.steps]
+    assert plan.direction == forward.direction
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 8])
+def test_ring_backward_returns_every_dk_dv_sum_to_its_owner_one_hop_at_a_time(world_size):
+    plan = build_plan("ring", "contiguous", False, world_size, backward=True)
+    grads = [(i, t) for i, t in plan.transfers() if t.payload is Payload.GRAD_KEY_VALUE]
+    assert len(grads) == world_size * (world_size - 1)
+    for _, t in grads:
+        assert (t.dst - t.src) % world_size == plan.direction % world_size
+    assert len(plan.steps) == world_size + 1

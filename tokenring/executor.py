@@ -27,7 +27,8 @@ _SEQ_DIM = {"q": 1, "dout": 1, "out": 1, "dq": 1, "k": 1, "v": 1, "lse": 2, "kv"
 class _Held:
     sections: dict[str, torch.Tensor]
     part: Part
-    buffer: torch.Tensor | None = None  # the pooled message buffer behind the sections, if any
+    buffer: torch.Tensor | None = None  # the one message tensor behind the sections, if any
+    pooled: bool = False                # the buffer came from the pool and goes back to it
 
 
 class _BufferPool:
@@ -45,6 +46,12 @@ class _BufferPool:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for free in self._free.values() for t in free)
+
+    def keep_only_for(self, problem: object) -> None:
+        """Drop the buffers of earlier problems when the problem changes, so memory stays bounded."""
+        if problem != getattr(self, "_problem", None):
+            self._free.clear()
+            self._problem = problem
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -109,6 +116,7 @@ class _Run:
             itemsize=q.element_size(),
             acc_itemsize=torch.empty((), dtype=self.acc_dtype).element_size(),
         )
+        self.pool.keep_only_for((self.shape, self.dtype, self.device))
         self.local_kv = (k, v)
         self.held: dict[Key, _Held] = {}
         self._packed_for_send: list[torch.Tensor] = []  # pooled copies, free again once their step is waited
@@ -153,13 +161,14 @@ class _Run:
             view.copy_(tensors[name])
         return buffer
 
-    def _hold(self, key: Key, part: Part, buffer: torch.Tensor) -> None:
+    def _hold(self, key: Key, part: Part, buffer: torch.Tensor, pooled: bool = True) -> None:
         self._release(key)
-        self.held[key] = _Held(self._unpack(key[0], part, buffer), part, buffer)
+        self.held[key] = _Held(self._unpack(key[0], part, buffer), part, buffer, pooled)
 
     def _release(self, key: Key) -> None:
         held = self.held.pop(key, None)
-        if held is not None and held.buffer is not None:
+        if held is not None and held.pooled:
+            assert held.buffer is not None
             self.pool.give(held.buffer)
 
     def _outgoing(self, t: Transfer) -> torch.Tensor:
@@ -300,7 +309,7 @@ class _BackwardRun(_Run):
         if block.q_owner == self.rank:
             self._add_into(self.dq, block.q_part, dq, 1)
         else:
-            self._hold((Payload.GRAD_PARTIAL, block.q_owner), block.q_part, dq.contiguous())
+            self._hold((Payload.GRAD_PARTIAL, block.q_owner), block.q_part, dq.contiguous(), pooled=False)
         if block.kv_owner == self.rank:
             self._add_into(self.dk, block.kv_part, dk, 1)
             self._add_into(self.dv, block.kv_part, dv, 1)

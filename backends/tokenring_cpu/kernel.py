@@ -66,7 +66,8 @@ class _Block:
 
     def key_grads_out(self, dx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.group > 1 and not self.folded:
-            dx = dx.reshape(self.batch, self.kv_heads, self.group, self.k_len, -1).sum(2, dtype=torch.float32)
+            wide = torch.float64 if dx.dtype == torch.float64 else torch.float32
+            dx = dx.reshape(self.batch, self.kv_heads, self.group, self.k_len, -1).sum(2, dtype=wide)
         return dx.transpose(1, 2).to(dtype)
 
 

@@ -142,3 +142,83 @@ def call_unless_absent(rank: int, world_size: int, problem: Problem, absent_rank
         return call_with(rank, world_size, problem, {})
     finally:
         del os.environ["TOKENRING_TIMEOUT_S"]
+
+
+class _ShardOfReplicated(torch.autograd.Function):
+    """This rank's shard of a tensor every rank holds whole; the gradient is summed over ranks."""
+
+    @staticmethod
+    def forward(ctx, full, rank, world_size, layout):
+        ctx.rank, ctx.world_size, ctx.layout = rank, world_size, layout
+        return tokenring.shard(full, rank, world_size, layout=layout).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = [torch.zeros_like(grad) for _ in range(ctx.world_size)]
+        parts[ctx.rank] = grad
+        full = tokenring.unshard(parts, layout=ctx.layout).contiguous()
+        dist.all_reduce(full)
+        return full, None, None, None
+
+
+class _GatherToReplicated(torch.autograd.Function):
+    """The whole tensor from every rank's shard, on every rank."""
+
+    @staticmethod
+    def forward(ctx, part, rank, world_size, layout):
+        ctx.rank, ctx.world_size, ctx.layout = rank, world_size, layout
+        parts = [torch.empty_like(part) for _ in range(world_size)]
+        dist.all_gather(parts, part.contiguous())
+        return tokenring.unshard(parts, layout=layout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tokenring.shard(grad, ctx.rank, ctx.world_size, layout=ctx.layout).contiguous(), None, None, None
+
+
+def gradcheck(rank: int, world_size: int, problem: Problem) -> bool:
+    """torch.autograd.gradcheck of the whole sequence-parallel function, run in lockstep on every rank.
+
+    Every rank evaluates the same function of the full inputs (shard, attend,
+    gather), so the numerical perturbations agree across ranks and the
+    analytical gradient includes every rank's contribution.
+    """
+    layout = problem.resolved_layout
+    inputs = tuple(t.to(torch.float64).requires_grad_() for t in problem.inputs())
+
+    def sequence_parallel(q_full, k_full, v_full):
+        q, k, v = (_ShardOfReplicated.apply(t, rank, world_size, layout) for t in (q_full, k_full, v_full))
+        out = tokenring.token_ring_attn(
+            q, k, v, causal=problem.causal, softmax_scale=problem.softmax_scale,
+            layout=problem.layout, algorithm=problem.algorithm,
+        )
+        return _GatherToReplicated.apply(out, rank, world_size, layout)
+
+    return torch.autograd.gradcheck(sequence_parallel, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def double_backward(rank: int, world_size: int, problem: Problem) -> str:
+    q, k, v = (t.requires_grad_() for t in _my_inputs(problem, rank, world_size))
+    out = tokenring.token_ring_attn(q, k, v, causal=problem.causal, algorithm=problem.algorithm)
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    dq.sum().backward()
+    return "no error"
+
+
+def pool_bytes_after_calls(rank: int, world_size: int, problem: Problem, calls: int) -> dict:
+    """Bytes the executor keeps for reuse after ``calls`` forward+backward calls, and the shard's bytes."""
+    from tokenring.api import _executors
+
+    for _ in range(calls):
+        q, k, v = (t.requires_grad_() for t in _my_inputs(problem, rank, world_size))
+        out = tokenring.token_ring_attn(q, k, v, causal=problem.causal, algorithm=problem.algorithm)
+        out.backward(torch.ones_like(out))
+    pools = [e.pool.nbytes() for e in _executors.values()]
+    return {"pool_bytes": sum(pools), "shard_bytes": q.numel() * q.element_size()}
+
+
+def lse_requires_grad(rank: int, world_size: int, problem: Problem) -> bool:
+    q, k, v = (t.requires_grad_() for t in _my_inputs(problem, rank, world_size))
+    out, lse = tokenring.token_ring_attn(q, k, v, causal=problem.causal, return_lse=True)
+    out.sum().backward()
+    return lse.requires_grad

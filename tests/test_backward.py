@@ -1,0 +1,104 @@
+"""Gradients of token_ring_attn against float64 autograd of plain attention on the full sequence."""
+
+import pytest
+
+import tokenring
+from tokenring.interfaces import LinkTraffic
+from tokenring.plan import build_plan, sum_by_link
+from tokenring.testing.problems import Problem, relative_error
+from tokenring.testing.tasks import from_bytes
+
+WORLD_SIZES = [1, 2, 3, 4]
+HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
+GRAD_TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 3e-2, "float16": 3e-2}
+
+
+def run_and_check_grads(worlds, problem: Problem, world_size: int):
+    results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention_with_grads", problem)
+    layout = problem.resolved_layout
+    got = {name: tokenring.unshard([from_bytes(r[name]) for r in results], layout=layout) for name in ("out", "dq", "dk", "dv")}
+    want_out, _ = problem.reference()
+    want = dict(zip(("dq", "dk", "dv"), problem.reference_grads()), out=want_out)
+    tolerance = GRAD_TOLERANCE[problem.dtype]
+    errors = {name: relative_error(got[name], want[name]) for name in got}
+    assert all(e <= tolerance for e in errors.values()), f"N={world_size} {problem}: {errors} > {tolerance:g}"
+    for name, tensor in got.items():
+        assert tensor.dtype == problem.torch_dtype, f"{name} came back as {tensor.dtype}"
+    return results
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("heads", list(HEADS))
+def test_float32_gradients(worlds, seed, world_size, algorithm, causal, heads):
+    q_heads, kv_heads = HEADS[heads]
+    problem = Problem(seed, batch=2, seq_len=8 * world_size, q_heads=q_heads, kv_heads=kv_heads, head_dim=32,
+                      causal=causal, algorithm=algorithm)
+    run_and_check_grads(worlds, problem, world_size)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gradients_in_other_dtypes(worlds, seed, world_size, dtype, causal):
+    for algorithm in ("tokenring", "ring"):
+        problem = Problem(seed, batch=2, seq_len=16 * world_size, q_heads=4, kv_heads=2, head_dim=64, dtype=dtype,
+                          causal=causal, algorithm=algorithm)
+        run_and_check_grads(worlds, problem, world_size)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+def test_gradients_with_custom_scale_and_non_default_layouts(worlds, seed, world_size, algorithm):
+    for causal, layout in ((False, None), (True, None), (True, "contiguous"), (False, "zigzag")):
+        problem = Problem(seed, batch=3, seq_len=8 * world_size, q_heads=2, kv_heads=1, head_dim=16, causal=causal,
+                          layout=layout, algorithm=algorithm, softmax_scale=0.7)
+        run_and_check_grads(worlds, problem, world_size)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gradcheck_in_float64(worlds, seed, world_size, algorithm, causal):
+    problem = Problem(seed, batch=1, seq_len=4 * world_size, q_heads=2, kv_heads=1, head_dim=4, dtype="float64",
+                      causal=causal, algorithm=algorithm)
+    assert worlds.get(world_size).run_ok("tokenring.testing.tasks.gradcheck", problem, timeout_s=240) == [True] * world_size
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_traffic_equals_the_backward_plan(worlds, seed, world_size, algorithm, causal):
+    problem = Problem(seed, batch=2, seq_len=6 * world_size, q_heads=6, kv_heads=2, head_dim=17, dtype="bfloat16",
+                      causal=causal, algorithm=algorithm)
+    results = run_and_check_grads(worlds, problem, world_size)
+    measured = sum_by_link(LinkTraffic(**m) for r in results for m in r["backward_sent"])
+    plan = build_plan(algorithm, problem.resolved_layout, causal, world_size, backward=True)
+    assert measured == plan.link_bytes(problem.shape(world_size))
+    assert sum_by_link(LinkTraffic(**m) for r in results for m in r["sent"]) == problem.planned_link_bytes(world_size)
+
+
+def test_double_backward_is_a_clear_error(worlds, seed):
+    problem = Problem(seed, batch=1, seq_len=8, q_heads=2, kv_heads=2, head_dim=8)
+    results = worlds.get(2).run("tokenring.testing.tasks.double_backward", problem, timeout_s=60)
+    for r in results:
+        assert not r.ok and "double backward" in r.error, r
+
+
+@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+def test_memory_kept_between_calls_is_a_few_shards_and_does_not_grow(worlds, seed, algorithm):
+    problem = Problem(seed, batch=1, seq_len=64, q_heads=4, kv_heads=4, head_dim=16, causal=True, algorithm=algorithm)
+    world = worlds.get(4)
+    once = world.run_ok("tokenring.testing.tasks.pool_bytes_after_calls", problem, 1)
+    many = world.run_ok("tokenring.testing.tasks.pool_bytes_after_calls", problem, 5)
+    for first, later in zip(once, many):
+        assert later["pool_bytes"] == first["pool_bytes"], "buffers must be reused, not accumulated"
+        # Receive and packing buffers of one forward and one backward, full and half
+        # sized (zigzag), double-buffered: a constant number of shards, whatever N.
+        assert first["pool_bytes"] <= 32 * first["shard_bytes"]
+
+
+def test_lse_is_returned_but_not_differentiable(worlds, seed):
+    problem = Problem(seed, batch=1, seq_len=8, q_heads=2, kv_heads=2, head_dim=8)
+    assert worlds.get(2).run_ok("tokenring.testing.tasks.lse_requires_grad", problem) == [False, False]
