@@ -5,12 +5,11 @@ import pytest
 import tokenring
 from tokenring.interfaces import LinkTraffic
 from tokenring.plan import build_plan, sum_by_link
-from tokenring.testing.problems import Problem, relative_error
+from tokenring.testing.problems import GRAD_TOLERANCE, Problem, relative_error
 from tokenring.testing.tasks import from_bytes
 
 WORLD_SIZES = [1, 2, 3, 4]
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
-GRAD_TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 3e-2, "float16": 3e-2}
 
 
 def run_and_check_grads(worlds, problem: Problem, world_size: int):
@@ -19,7 +18,7 @@ def run_and_check_grads(worlds, problem: Problem, world_size: int):
     got = {name: tokenring.unshard([from_bytes(r[name]) for r in results], layout=layout) for name in ("out", "dq", "dk", "dv")}
     want_out, _ = problem.reference()
     want = dict(zip(("dq", "dk", "dv"), problem.reference_grads()), out=want_out)
-    tolerance = GRAD_TOLERANCE[problem.dtype]
+    tolerance = GRAD_TOLERANCE[problem.torch_dtype]
     errors = {name: relative_error(got[name], want[name]) for name in got}
     assert all(e <= tolerance for e in errors.values()), f"N={world_size} {problem}: {errors} > {tolerance:g}"
     for name, tensor in got.items():

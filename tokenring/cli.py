@@ -111,6 +111,10 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     run.add_argument("--causal", action="store_true", help="apply a causal mask")
     run.add_argument(
+        "--backward", action="store_true",
+        help="run forward plus backward, and check the gradients too",
+    )
+    run.add_argument(
         "--layout", choices=("contiguous", "zigzag"),
         help="shard layout (default: zigzag when causal, contiguous otherwise)",
     )
@@ -216,7 +220,7 @@ def _run_command(args: argparse.Namespace) -> int:
     from .interfaces import LinkTraffic
     from .plan import sum_by_link
     from .registry import registry
-    from .testing.problems import TOLERANCE, Problem, relative_error
+    from .testing.problems import GRAD_TOLERANCE, GRADIENTS, TOLERANCE, Problem, relative_error
     from .testing.tasks import from_bytes
 
     # Fail fast, before starting processes, when the backend cannot run here.
@@ -247,33 +251,47 @@ def _run_command(args: argparse.Namespace) -> int:
         # Each wait inside a call is bounded by --timeout in the workers; this
         # bound only catches a world that stopped answering altogether.
         results = world.run_ok(
-            "tokenring.testing.tasks.timed_attention", problem, args.repeats, args.backend,
-            timeout_s=args.timeout * (args.repeats + 1),
+            "tokenring.testing.tasks.timed_attention", problem, args.repeats, args.backend, args.backward,
+            timeout_s=args.timeout * (args.repeats + 1) * (3 if args.backward else 1),
         )
 
     print("checking against the float64 reference...", file=sys.stderr)
-    out = unshard([from_bytes(r["out"]) for r in results], layout=layout, dim=1)
-    lse = unshard([from_bytes(r["lse"]) for r in results], layout=layout, dim=2)
-    want_out, want_lse = problem.reference()
-    rel_err_out = relative_error(out, want_out)
-    rel_err_lse = relative_error(lse, want_lse)
-    max_rel_err = max(rel_err_out, rel_err_lse)
-    tolerance = TOLERANCE[problem.torch_dtype]
+    got = {"out": unshard([from_bytes(r["out"]) for r in results], layout=layout, dim=1),
+           "lse": unshard([from_bytes(r["lse"]) for r in results], layout=layout, dim=2)}
+    want = dict(zip(("out", "lse"), problem.reference()))
+    if args.backward:
+        got.update({name: unshard([from_bytes(r[name]) for r in results], layout=layout) for name in GRADIENTS})
+        want.update(zip(GRADIENTS, problem.reference_grads()))
+    rel_errs = {name: relative_error(got[name], want[name]) for name in got}
+    max_rel_err = max(rel_errs.values())
+    tolerance = (GRAD_TOLERANCE if args.backward else TOLERANCE)[problem.torch_dtype]
     passed = max_rel_err <= tolerance
 
-    sent = sum_by_link(LinkTraffic(**message) for result in results for message in result["sent"])
-    measured = {(t.step, t.src, t.dst): t.bytes for t in sent}
-    planned = {(t.step, t.src, t.dst): t.bytes for t in problem.planned_link_bytes(world_size)}
+    def link_totals(key: str) -> dict[tuple[int, int, int], int]:
+        sent = sum_by_link(LinkTraffic(**message) for result in results for message in result[key])
+        return {(t.step, t.src, t.dst): t.bytes for t in sent}
+
+    def planned_totals(backward: bool) -> dict[tuple[int, int, int], int]:
+        plan = build_plan(problem.algorithm, layout, problem.causal, world_size, backward=backward)
+        return {(t.step, t.src, t.dst): t.bytes for t in plan.link_bytes(problem.shape(world_size))}
+
+    measured, planned = link_totals("sent"), planned_totals(False)
     traffic_matches_plan = measured == planned
+    if args.backward:
+        measured_backward, planned_backward = link_totals("backward_sent"), planned_totals(True)
+        traffic_matches_plan = traffic_matches_plan and measured_backward == planned_backward
 
     seconds_per_rank = [r["median_s"] for r in results]
     # Ranks start each call together and the call ends when the slowest finishes.
     seconds = max(seconds_per_rank)
 
+    peak_per_rank = [r["peak_mem_bytes"] for r in results]
     report = {
         "max_rel_err": max_rel_err,
-        "rel_err_out": rel_err_out,
-        "rel_err_lse": rel_err_lse,
+        **{f"rel_err_{name}": error for name, error in rel_errs.items()},
+        "backward": args.backward,
+        "peak_mem_bytes": max(peak_per_rank) if None not in peak_per_rank else None,
+        "peak_mem_bytes_per_rank": peak_per_rank,
         "tolerance": tolerance,
         "passed": passed,
         "seconds": seconds,
@@ -281,6 +299,14 @@ def _run_command(args: argparse.Namespace) -> int:
         "repeats": args.repeats,
         "link_bytes": _link_list(measured),
         "planned_link_bytes": _link_list(planned),
+        **(
+            {
+                "backward_link_bytes": _link_list(measured_backward),
+                "planned_backward_link_bytes": _link_list(planned_backward),
+            }
+            if args.backward
+            else {}
+        ),
         "traffic_matches_plan": traffic_matches_plan,
         "plan_direction": build_plan(problem.algorithm, layout, problem.causal, world_size).direction,
         "problem": problem.to_json(),
@@ -298,6 +324,8 @@ def _run_command(args: argparse.Namespace) -> int:
             json.dump(report, file, indent=2)
             file.write("\n")
     print(_summary(report, measured, planned))
+    if args.backward:
+        print(_traffic_table("backward traffic", measured_backward, planned_backward))
     return EXIT_OK if passed and traffic_matches_plan else EXIT_FAILED
 
 
@@ -313,22 +341,34 @@ def _summary(
     scale = f", scale {p['softmax_scale']}" if p["softmax_scale"] is not None else ""
     verdict = "PASS" if report["passed"] else "FAIL"
     per_rank = " ".join(f"{s * 1e3:.2f}" for s in report["seconds_per_rank"])
+    each_error = ", ".join(f"{k.removeprefix('rel_err_')} {v:.3g}" for k, v in report.items() if k.startswith("rel_err_"))
+    what = "forward+backward" if report["backward"] else "call"
+    peaks = report["peak_mem_bytes_per_rank"]
+    memory = (
+        "not measurable on this platform" if None in peaks
+        else "peak rise per rank MiB: " + " ".join(f"{b / 2**20:.1f}" for b in peaks)
+    )
     lines = [
         f"problem    B={p['batch']} S={p['seq_len']} {heads} D={p['head_dim']} {p['dtype']}"
         f" {'causal' if p['causal'] else 'non-causal'}{scale}, seed {p['seed']}",
         f"backend    {report['backend']} ({report['backend_distribution']}), torch {report['torch']}",
         f"algorithm  {p['algorithm']}, {report['layout']} layout, {report['world_size']} ranks"
         f" x {report['threads_per_rank']} thread{'s' if report['threads_per_rank'] != 1 else ''}",
-        f"error      {report['max_rel_err']:.3g} max relative error (out {report['rel_err_out']:.3g},"
-        f" lse {report['rel_err_lse']:.3g}), tolerance {report['tolerance']:.0e}: {verdict}",
-        f"time       {report['seconds'] * 1e3:.2f} ms per call (slowest rank's median of {report['repeats']});"
+        f"error      {report['max_rel_err']:.3g} max relative error ({each_error}),"
+        f" tolerance {report['tolerance']:.0e}: {verdict}",
+        f"time       {report['seconds'] * 1e3:.2f} ms per {what} (slowest rank's median of {report['repeats']});"
         f" per rank ms: {per_rank}",
-        f"traffic    measured {'matches' if report['traffic_matches_plan'] else 'DIFFERS FROM'} the plan;"
-        f" {sum(measured.values())} bytes in all",
+        f"memory     {memory} (resident memory, over the timed calls)",
+        f"traffic    measured {'matches' if report['traffic_matches_plan'] else 'DIFFERS FROM'} the plan",
+        _traffic_table("forward traffic", measured, planned),
     ]
+    return "\n".join(lines)
+
+
+def _traffic_table(title: str, measured: dict[tuple[int, int, int], int], planned: dict[tuple[int, int, int], int]) -> str:
     rows: list[tuple[Any, ...]] = [("step", "link", "measured", "planned", "")]
     for step, src, dst in sorted(set(measured) | set(planned)):
         got, want = measured.get((step, src, dst), 0), planned.get((step, src, dst), 0)
         rows.append((step, f"{src}->{dst}", got, want, "" if got == want else "<-- differs"))
-    lines.append("  " + _table(rows, right_aligned=(0, 2, 3)).replace("\n", "\n  "))
-    return "\n".join(lines)
+    table = _table(rows, right_aligned=(0, 2, 3)).replace("\n", "\n  ")
+    return f"{title}: {sum(measured.values())} bytes in all\n  {table}"

@@ -8,6 +8,7 @@ file descriptors that outlive the task.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import statistics
 import time
@@ -30,6 +31,38 @@ def from_bytes(blob: bytes) -> torch.Tensor:
     return torch.load(io.BytesIO(blob), weights_only=True)
 
 
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def peak_memory():
+    """Measure how far this process's resident memory rose above its level at entry.
+
+    Linux only (the kernel's high-water mark VmHWM, reset through
+    /proc/self/clear_refs); elsewhere the yielded dict's "bytes" stays None.
+    This counts every allocation of the process, torch's included.
+    """
+    measured: dict[str, int | None] = {"bytes": None}
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")
+        before = _status_bytes("VmRSS")
+    except OSError:
+        before = None
+    yield measured
+    peak = _status_bytes("VmHWM")
+    if before is not None and peak is not None:
+        measured["bytes"] = max(peak - before, 0)
+
+
 def _my_inputs(problem: Problem, rank: int, world_size: int):
     return [
         tokenring.shard(t, rank, world_size, layout=problem.resolved_layout).contiguous()
@@ -40,7 +73,7 @@ def _my_inputs(problem: Problem, rank: int, world_size: int):
 def attention(rank: int, world_size: int, problem: Problem, backend: str | None = None) -> dict:
     """One token_ring_attn call on this rank's shard; returns out, lse and the bytes sent."""
     q, k, v = _my_inputs(problem, rank, world_size)
-    with tokenring.record_traffic() as sent:
+    with peak_memory() as peak, tokenring.record_traffic() as sent:
         out, lse = tokenring.token_ring_attn(
             q, k, v,
             causal=problem.causal,
@@ -51,6 +84,7 @@ def attention(rank: int, world_size: int, problem: Problem, backend: str | None 
             return_lse=True,
         )
     return {
+        "peak_mem_bytes": peak["bytes"],
         "out": to_bytes(out),
         "lse": to_bytes(lse),
         "sent": [t.to_json() for t in sent],
@@ -61,19 +95,23 @@ def attention_with_grads(rank: int, world_size: int, problem: Problem, backend: 
     """Forward and backward on this rank's shard; returns out, dq, dk, dv and the bytes of each pass."""
     q, k, v = (t.requires_grad_() for t in _my_inputs(problem, rank, world_size))
     dout = tokenring.shard(problem.grad_output(), rank, world_size, layout=problem.resolved_layout)
-    with tokenring.record_traffic() as forward_sent:
-        out = tokenring.token_ring_attn(
-            q, k, v,
-            causal=problem.causal,
-            softmax_scale=problem.softmax_scale,
-            backend=backend,
-            layout=problem.layout,
-            algorithm=problem.algorithm,
-        )
-    with tokenring.record_traffic() as backward_sent:
-        out.backward(dout)
+    with peak_memory() as peak:
+        with tokenring.record_traffic() as forward_sent:
+            out, lse = tokenring.token_ring_attn(
+                q, k, v,
+                causal=problem.causal,
+                softmax_scale=problem.softmax_scale,
+                backend=backend,
+                layout=problem.layout,
+                algorithm=problem.algorithm,
+                return_lse=True,
+            )
+        with tokenring.record_traffic() as backward_sent:
+            out.backward(dout)
     return {
+        "peak_mem_bytes": peak["bytes"],
         "out": to_bytes(out),
+        "lse": to_bytes(lse),
         "dq": to_bytes(q.grad),
         "dk": to_bytes(k.grad),
         "dv": to_bytes(v.grad),
@@ -82,19 +120,35 @@ def attention_with_grads(rank: int, world_size: int, problem: Problem, backend: 
     }
 
 
-def timed_attention(rank: int, world_size: int, problem: Problem, repeats: int, backend: str | None = None) -> dict:
-    """`attention` once for checking, then ``repeats`` timed calls, each started together."""
-    result = attention(rank, world_size, problem, backend)
+def timed_attention(
+    rank: int, world_size: int, problem: Problem, repeats: int, backend: str | None = None, backward: bool = False
+) -> dict:
+    """One checked call (with its gradients if ``backward``), then ``repeats`` timed calls started together.
+
+    "peak_mem_bytes" is the rise in resident memory over the timed calls, which
+    (unlike the first call) carry no one-time initialisation of torch or gloo.
+    """
+    check = attention_with_grads if backward else attention
+    result = check(rank, world_size, problem, backend)
     q, k, v = _my_inputs(problem, rank, world_size)
+    if backward:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        dout = tokenring.shard(problem.grad_output(), rank, world_size, layout=problem.resolved_layout)
     seconds = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        tokenring.token_ring_attn(
-            q, k, v, causal=problem.causal, softmax_scale=problem.softmax_scale, backend=backend,
-            layout=problem.layout, algorithm=problem.algorithm,
-        )
-        seconds.append(time.perf_counter() - start)
+    with peak_memory() as peak:
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            out = tokenring.token_ring_attn(
+                q, k, v, causal=problem.causal, softmax_scale=problem.softmax_scale, backend=backend,
+                layout=problem.layout, algorithm=problem.algorithm,
+            )
+            if backward:
+                out.backward(dout)
+            seconds.append(time.perf_counter() - start)
+            del out
+    if repeats:
+        result["peak_mem_bytes"] = peak["bytes"]
     result["seconds"] = seconds
     result["median_s"] = statistics.median(seconds) if seconds else None
     return result
