@@ -12,8 +12,8 @@ WORLD_SIZES = [1, 2, 3, 4]
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 
 
-def run_and_check_grads(worlds, problem: Problem, world_size: int):
-    results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention_with_grads", problem)
+def run_and_check_grads(worlds, problem: Problem, world_size: int, memory: str = "contiguous"):
+    results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention_with_grads", problem, None, memory)
     layout = problem.resolved_layout
     got = {name: tokenring.unshard([from_bytes(r[name]) for r in results], layout=layout) for name in ("out", "dq", "dk", "dv")}
     want_out, _ = problem.reference()
@@ -54,6 +54,15 @@ def test_gradients_with_custom_scale_and_non_default_layouts(worlds, seed, world
         problem = Problem(seed, batch=3, seq_len=8 * world_size, q_heads=2, kv_heads=1, head_dim=16, causal=causal,
                           layout=layout, algorithm=algorithm, softmax_scale=0.7)
         run_and_check_grads(worlds, problem, world_size)
+
+
+@pytest.mark.parametrize("memory", ["strided", "heads-major"])
+def test_gradients_of_inputs_that_are_not_contiguous(worlds, seed, memory):
+    for causal in (False, True):
+        for algorithm in ("tokenring", "ring"):
+            problem = Problem(seed, batch=2, seq_len=24, q_heads=4, kv_heads=2, head_dim=16, causal=causal,
+                              algorithm=algorithm)
+            run_and_check_grads(worlds, problem, 3, memory)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

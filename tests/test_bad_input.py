@@ -61,6 +61,8 @@ CASES = {
     "unknown algorithm": ({"all": {"algorithm": "ulysses"}}, ["argument 'algorithm'", "'tokenring'"], None),
     "negative softmax_scale": ({"all": {"softmax_scale": -1.0}}, ["argument 'softmax_scale'", "> 0"], None),
     "causal not a bool": ({"all": {"causal": "yes"}}, ["argument 'causal'", "True or False"], None),
+    "NaN in q on one rank": ({1: {"q_fill": float("nan")}}, ["argument 'q'", "finite"], 1),
+    "infinity in v": ({"all": {"v_fill": float("inf")}}, ["argument 'v'", "finite"], None),
     "integer tensors": ({"all": {"q_dtype": "int64", "k_dtype": "int64", "v_dtype": "int64"}}, ["argument 'q'", "floating-point"], None),
 }
 
@@ -80,6 +82,7 @@ DISAGREEMENTS = {
     "layout": ({1: {"layout": "zigzag"}}, "argument 'layout'"),
     "algorithm": ({1: {"algorithm": "ring"}}, "argument 'algorithm'"),
     "softmax_scale": ({0: {"softmax_scale": 0.5}}, "argument 'softmax_scale'"),
+    "requires grad": ({1: {"k_requires_grad": True}}, "require grad"),
 }
 
 
@@ -92,11 +95,27 @@ def test_ranks_that_disagree_all_fail_before_any_traffic(worlds, seed, case):
         assert f"on rank {r.rank}" in r.error and fragment in r.error and "differs across ranks" in r.error, r.error
 
 
-def test_unknown_backend_lists_the_available_ones(worlds, seed):
-    results = call_everywhere(worlds, problem(seed), {"all": {"backend": "tpu"}})
+@pytest.mark.parametrize("who", ["all", 1])
+def test_unknown_backend_lists_the_available_ones(worlds, seed, who):
+    results = call_everywhere(worlds, problem(seed), {who: {"backend": "tpu"}})
     for r in results:
-        assert not r.ok and r.error_type.endswith("BackendError")
+        assert not r.ok and r.error_type.endswith("BackendError"), r
         assert "unknown backend 'tpu'" in r.error and "'cpu'" in r.error, r.error
+        assert f"on rank {r.rank}" in r.error
+
+
+def test_tensors_on_a_device_no_backend_serves_on_one_rank(worlds, seed):
+    on_meta = {"q_device": "meta", "k_device": "meta", "v_device": "meta"}
+    results = call_everywhere(worlds, problem(seed), {2: on_meta})
+    for r in results:
+        assert not r.ok and r.error_type.endswith("BackendError"), r
+        assert "device type 'meta'" in r.error, r.error
+
+
+def test_an_invalid_group_is_named(worlds, seed):
+    results = call_everywhere(worlds, problem(seed), {"all": {"group": "world"}})
+    for r in results:
+        assert not r.ok and r.error_type.endswith("InputError") and "argument 'group'" in r.error, r
 
 
 def test_world_still_works_after_bad_input(worlds, seed):

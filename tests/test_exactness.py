@@ -12,8 +12,8 @@ WORLD_SIZES = [1, 2, 3, 4]
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 
 
-def run_and_check(worlds, problem: Problem, world_size: int):
-    results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention", problem)
+def run_and_check(worlds, problem: Problem, world_size: int, memory: str = "contiguous"):
+    results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention", problem, None, memory)
     layout = problem.resolved_layout
     outs = [from_bytes(r["out"]) for r in results]
     lses = [from_bytes(r["lse"]) for r in results]
@@ -86,3 +86,13 @@ def test_non_default_layouts(worlds, seed, world_size, layout, causal):
 def test_minimal_zigzag_shard_of_two_tokens(worlds, seed):
     problem = Problem(seed, batch=1, seq_len=8, q_heads=1, kv_heads=1, head_dim=16, causal=True)
     run_and_check(worlds, problem, 4)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+@pytest.mark.parametrize("memory", ["strided", "heads-major"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_inputs_that_are_not_contiguous(worlds, seed, world_size, memory, causal):
+    for algorithm in ("tokenring", "ring"):
+        problem = Problem(seed, batch=2, seq_len=8 * world_size, q_heads=4, kv_heads=2, head_dim=16,
+                          causal=causal, algorithm=algorithm)
+        run_and_check(worlds, problem, world_size, memory)

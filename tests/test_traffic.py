@@ -23,3 +23,41 @@ def test_sent_bytes_equal_planned_bytes(worlds, seed, world_size, algorithm, cau
         assert measured == []
     else:
         assert measured, "a multi-rank run must move data"
+
+
+def design_table_link_bytes(problem: Problem, world_size: int) -> dict:
+    """Bytes per (step, src, dst) for contiguous, non-causal runs, straight from DESIGN §4.
+
+    Written independently of ProblemShape: a Q is L·Hq·D elements, a partial
+    out + lse is L·Hq·D elements (padded to 8 bytes so lse is aligned) plus
+    L·Hq float32, K and V together are 2·L·Hkv·D elements.
+    """
+    n, size = world_size, problem.torch_dtype.itemsize
+    rows = problem.batch * (problem.seq_len // n)
+    q_bytes = rows * problem.q_heads * problem.head_dim * size
+    partial_bytes = -(-q_bytes // 8) * 8 + rows * problem.q_heads * 4
+    kv_bytes = 2 * rows * problem.kv_heads * problem.head_dim * size
+    expected = {}
+    for src in range(n):
+        if problem.algorithm == "ring":
+            for step in range(n - 1):
+                expected[(step, src, (src + 1) % n)] = kv_bytes
+            continue
+        for step in range(n + 1):
+            if step < n - 1:
+                expected[(step, src, (src + 1) % n)] = q_bytes
+            if step >= 2:  # the partial of step - 1, computed for the rank step - 1 hops behind
+                dst = (src - (step - 1)) % n
+                expected[(step, src, dst)] = expected.get((step, src, dst), 0) + partial_bytes
+    return expected
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+def test_sent_bytes_equal_the_design_table(worlds, seed, world_size, algorithm):
+    # fp16, 3 query heads of 5 dims, 1 K/V head: the out section needs padding before lse.
+    problem = Problem(seed, batch=1, seq_len=3 * world_size, q_heads=3, kv_heads=1, head_dim=5, dtype="float16",
+                      algorithm=algorithm)
+    results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention", problem)
+    measured = {(t.step, t.src, t.dst): t.bytes for t in sum_by_link(LinkTraffic(**m) for r in results for m in r["sent"])}
+    assert measured == design_table_link_bytes(problem, world_size)

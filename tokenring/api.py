@@ -11,8 +11,8 @@ from typing import Any, Iterator
 import torch
 
 from .executor import Executor
-from .interfaces import Backend, BackendError, LinkTraffic, TokenRingError
-from .layout import Layout
+from .interfaces import Backend, BackendError, InputError, LinkTraffic, TokenRingError
+from .layout import Layout, default_layout
 from .plan import Algorithm, build_plan
 from .registry import registry
 from .validation import agree, call_signature, local_problem
@@ -67,6 +67,39 @@ def _resolve_backend(backend: str | None, q: Any) -> Backend:
     return registry.for_device(q.device.type)
 
 
+def _open(backend: Backend, group: Any) -> Executor:
+    try:
+        return _executor(backend, group)
+    except BackendError:
+        raise
+    except Exception as error:  # torch's own complaint about the group, made readable
+        raise InputError(f"token_ring_attn: argument 'group': {error}") from error
+
+
+def _backend_and_executor(backend: str | None, q: Any, group: Any) -> tuple[Backend, Executor, str | None]:
+    """The backend to run on, an executor to agree with the other ranks, and why not, if so.
+
+    When the requested backend cannot be used on this rank, the rank still
+    takes part in the agreement, through the Comm of another backend over the
+    same group, so that every rank hears why at once instead of waiting for
+    a rank that gave up.
+    """
+    try:
+        chosen = _resolve_backend(backend, q)
+        return chosen, _open(chosen, group), None
+    except BackendError as error:
+        problem = str(error)
+    candidates = []
+    if isinstance(q, torch.Tensor):
+        with contextlib.suppress(BackendError):
+            candidates.append(registry.for_device(q.device.type))
+    candidates += [e.backend for e in registry.entries() if e.backend is not None and e.available]
+    for candidate in candidates:
+        with contextlib.suppress(TokenRingError):
+            return candidate, _open(candidate, group), problem
+    raise BackendError(problem)  # no way to tell the other ranks
+
+
 def token_ring_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,23 +137,29 @@ def token_ring_attn(
     invalid or the ranks disagree, `tokenring.BackendError` when no backend
     fits, and `tokenring.CommTimeout` when a peer stops answering.
     """
-    chosen = _resolve_backend(backend, q)
-    executor = _executor(chosen, group)
+    chosen, executor, backend_problem = _backend_and_executor(backend, q, group)
     comm = executor.comm
     if layout is None:
-        layout = Layout.ZIGZAG.value if causal is True else Layout.CONTIGUOUS.value
-    problem = local_problem(
+        layout = default_layout(causal)
+    grad_inputs = [name for name, t in (("q", q), ("k", k), ("v", v)) if getattr(t, "requires_grad", False)]
+    needs_grad = torch.is_grad_enabled() and bool(grad_inputs)
+    problem = backend_problem or local_problem(
         q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=algorithm, backend=chosen
     )
-    needs_grad = problem is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if needs_grad and not chosen.capabilities.backward:
-        problem = f"argument 'q': inputs require grad, but backend {chosen.name!r} has no backward pass"
+    if problem is None and needs_grad and not chosen.capabilities.backward:
+        problem = f"argument '{grad_inputs[0]}': requires grad, but backend {chosen.name!r} has no backward pass"
+    max_world_size = chosen.capabilities.max_world_size
+    if problem is None and max_world_size is not None and comm.world_size > max_world_size:
+        problem = (
+            f"argument 'group': backend {chosen.name!r} supports at most {max_world_size} ranks, "
+            f"got {comm.world_size}"
+        )
     signature = call_signature(
         q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=algorithm,
-        backend=chosen, world_size=comm.world_size,
+        backend=chosen, needs_grad=needs_grad,
     )
     wait_s = timeout_s()
-    agree(comm, signature, problem, timeout_s=wait_s)
+    agree(comm, signature, problem, timeout_s=wait_s, error=BackendError if backend_problem else InputError)
 
     plan = build_plan(Algorithm(algorithm), Layout(layout), causal, comm.world_size)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .interfaces import AttentionKernel, Channel, Comm, Handle, Recv, Send
+from .interfaces import AttentionKernel, Channel, Comm, Handle, Recv, Send, accumulation_dtype
 from .plan import Block, Part, Payload, Plan, ProblemShape, Step, Transfer
 
 Key = tuple[Payload, int]  # (what, whose)
@@ -52,10 +52,6 @@ class _BufferPool:
         if problem != getattr(self, "_problem", None):
             self._free.clear()
             self._problem = problem
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def narrow(tensor: torch.Tensor, held: Part, wanted: Part, seq_dim: int) -> torch.Tensor:

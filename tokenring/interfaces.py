@@ -17,6 +17,15 @@ from typing import Any, Sequence
 import torch
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of lse, of merges and of gradient sums for inputs of ``dtype``.
+
+    float32, except float64 for float64 inputs, so that float64 runs (and
+    gradcheck) stay exact to float64 rounding.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class Mask(str, enum.Enum):
     """The mask a kernel applies to one block.
 
@@ -35,7 +44,6 @@ class Channel(str, enum.Enum):
 
     QUERY = "query"        # travelling queries (TokenRing) or keys/values (Ring)
     PARTIAL = "partial"    # partial results on their way back to the query's owner
-    CONTROL = "control"    # small metadata exchanges
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class AttentionKernel(abc.ABC):
 
     Layout is (B, S, H, D) for q, k, v and out. ``lse`` is (B, Hq, Sq), the
     natural-log sum of exponentials of the scaled scores of each query row, in
-    float32 (float64 when the inputs are float64). A row with no visible key
+    `accumulation_dtype` (float32; float64 when the inputs are float64). A row with no visible key
     has out 0 and lse -inf, never NaN. Hq is a multiple of Hkv; query head h
     attends with key/value head ``h // (Hq // Hkv)``.
     """

@@ -387,29 +387,3 @@ def build_plan(
         for d in candidates
     ]
     return min(plans, key=lambda p: sum(t.bytes for t in p.link_bytes(_NOMINAL_SHAPE)))
-
-
-def plan_summary(plan: Plan) -> dict:
-    """A JSON-friendly view of a plan (for the CLI and for debugging)."""
-    return {
-        "algorithm": plan.algorithm.value,
-        "layout": plan.layout.value,
-        "causal": plan.causal,
-        "world_size": plan.world_size,
-        "direction": plan.direction,
-        "backward": plan.backward,
-        "steps": [
-            {
-                "index": s.index,
-                "blocks": [
-                    {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(b).items()}
-                    for b in s.blocks
-                ],
-                "transfers": [
-                    {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(t).items()}
-                    for t in s.transfers
-                ],
-            }
-            for s in plan.steps
-        ],
-    }

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .interfaces import Backend, Comm, InputError
-from .layout import Layout
-from .plan import Algorithm
+from .interfaces import Backend, BackendError, Comm, InputError
+from .layout import Layout, parse_layout
+from .plan import parse_algorithm
 
 _API = "token_ring_attn"
 
@@ -70,15 +70,26 @@ def local_problem(
             math.isfinite(softmax_scale) and softmax_scale > 0
         ):
             return f"argument 'softmax_scale': expected None or a finite number > 0, got {softmax_scale!r}"
-    if layout not in tuple(Layout) and layout not in tuple(x.value for x in Layout):
-        choices = ", ".join(repr(x.value) for x in Layout)
-        return f"argument 'layout': expected None or one of {choices}, got {layout!r}"
-    if algorithm not in tuple(Algorithm) and algorithm not in tuple(x.value for x in Algorithm):
-        choices = ", ".join(repr(x.value) for x in Algorithm)
-        return f"argument 'algorithm': expected one of {choices}, got {algorithm!r}"
-    if Layout(layout) is Layout.ZIGZAG and seq % 2:
+    try:
+        layout = parse_layout(layout)
+    except ValueError as error:
+        return f"argument 'layout': {error}"
+    try:
+        parse_algorithm(algorithm)
+    except ValueError as error:
+        return f"argument 'algorithm': {error}"
+    if layout is Layout.ZIGZAG and seq % 2:
         return f"argument 'q': the zigzag layout needs an even S_local (two chunks per rank), got S_local = {seq}"
-    return _capability_problem(q, k, causal, backend)
+    return _capability_problem(q, k, causal, backend) or _non_finite_problem(q, k, v)
+
+
+def _non_finite_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    # Kernels treat a NaN score row like a row that saw no key (out 0), so a
+    # NaN would come out as a finite, wrong answer; refuse it here instead.
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not bool(torch.isfinite(t).all()):
+            return f"argument '{name}': expected finite values, got NaN or infinity"
+    return None
 
 
 def _capability_problem(q: torch.Tensor, k: torch.Tensor, causal: bool, backend: Backend) -> str | None:
@@ -100,7 +111,7 @@ def _capability_problem(q: torch.Tensor, k: torch.Tensor, causal: bool, backend:
     return None
 
 
-def call_signature(q, k, v, *, causal, softmax_scale, layout, algorithm, backend: Backend, world_size: int) -> dict:
+def call_signature(q, k, v, *, causal, softmax_scale, layout, algorithm, backend: Backend, needs_grad: bool) -> dict:
     """What every rank must agree on, as JSON-friendly values."""
     def shape(t):
         return list(t.shape) if isinstance(t, torch.Tensor) else None
@@ -117,24 +128,31 @@ def call_signature(q, k, v, *, causal, softmax_scale, layout, algorithm, backend
         "argument 'layout'": str(getattr(layout, "value", layout)),
         "argument 'algorithm'": str(getattr(algorithm, "value", algorithm)),
         "argument 'backend'": backend.name,
-        "size of argument 'group'": world_size,
+        "whether q, k or v require grad": needs_grad,
     }
 
 
-def agree(comm: Comm, signature: dict, problem: str | None, *, timeout_s: float) -> None:
-    """Raise the same kind of InputError on every rank if any rank is wrong or ranks differ."""
+def agree(
+    comm: Comm, signature: dict, problem: str | None, *, timeout_s: float, error: type[Exception] = InputError
+) -> None:
+    """Raise on every rank if any rank is wrong or the ranks differ.
+
+    A rank's ``problem`` is raised as ``error`` on that rank and as the same
+    error type on every other rank; disagreement raises InputError.
+    """
     rank = comm.rank
-    payload = json.dumps({"signature": signature, "problem": problem}).encode()
+    payload = json.dumps({"signature": signature, "problem": problem, "error": error.__name__}).encode()
     if comm.world_size == 1:
         everyone = [payload]
     else:
         everyone = comm.all_gather_bytes(payload, timeout_s=timeout_s)
     calls = [json.loads(p) for p in everyone]
     if problem is not None:
-        raise InputError(f"{_API} on rank {rank}: {problem}")
+        raise error(f"{_API} on rank {rank}: {problem}")
     for other, call in enumerate(calls):
         if call["problem"] is not None:
-            raise InputError(
+            their_error = BackendError if call["error"] == BackendError.__name__ else InputError
+            raise their_error(
                 f"{_API} on rank {rank}: cannot run because rank {other} rejected its input: "
                 f"{_API} on rank {other}: {call['problem']}"
             )

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, TokenRingError
 
-_CHANNEL_TAGS = {Channel.QUERY: 0, Channel.PARTIAL: 1, Channel.CONTROL: 2}
+_CHANNEL_TAGS = {Channel.QUERY: 0, Channel.PARTIAL: 1}
 
 
 def _tag(step: int, channel: Channel) -> int:

@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from tokenring.interfaces import AttentionKernel, Mask
+from tokenring.interfaces import AttentionKernel, Mask, accumulation_dtype
 
 _forward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    # The operator reads the last dimension as if its stride were 1 (any other
+    # stride gives silently wrong results), while other strides are honoured.
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _bottom_right_causal_bias(q_len: int, k_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -44,6 +50,7 @@ class _Block:
 
     def rows_in(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Sq, Hq, D) -> the operator's (B, H, S, D) view of query rows."""
+        x = _unit_stride(x)
         if not self.folded:
             return x.transpose(1, 2)
         x = x.reshape(self.batch, self.q_len, self.kv_heads, self.group, -1).permute(0, 2, 3, 1, 4)
@@ -60,14 +67,14 @@ class _Block:
         return lse.reshape(self.batch, self.kv_heads, self.group * self.q_len) if self.folded else lse
 
     def keys_in(self, x: torch.Tensor) -> torch.Tensor:
+        x = _unit_stride(x)
         if self.group > 1 and not self.folded:
             x = x.repeat_interleave(self.group, dim=2)
         return x.transpose(1, 2)
 
     def key_grads_out(self, dx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.group > 1 and not self.folded:
-            wide = torch.float64 if dx.dtype == torch.float64 else torch.float32
-            dx = dx.reshape(self.batch, self.kv_heads, self.group, self.k_len, -1).sum(2, dtype=wide)
+            dx = dx.reshape(self.batch, self.kv_heads, self.group, self.k_len, -1).sum(2, dtype=accumulation_dtype(dtype))
         return dx.transpose(1, 2).to(dtype)
 
 
@@ -75,7 +82,7 @@ class CpuSdpaKernel(AttentionKernel):
     """The CPU reference kernel: every dtype torch's CPU operator takes, any head dim, GQA."""
 
     def forward(self, q, k, v, *, scale, mask):
-        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        lse_dtype = accumulation_dtype(q.dtype)
         block = _Block(q, k, mask)
         if block.q_len == 0 or block.k_len == 0:
             return (
@@ -103,7 +110,7 @@ class CpuSdpaKernel(AttentionKernel):
         # no key anywhere (lse = -inf) must get probability 0, which +inf gives.
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
         dq, dk, dv = _backward_op(
-            block.rows_in(dout.contiguous()), block.rows_in(q), block.keys_in(k), block.keys_in(v),
+            block.rows_in(dout), block.rows_in(q), block.keys_in(k), block.keys_in(v),
             block.rows_in(out), block.lse_in(lse).contiguous(), 0.0, block.is_causal,
             attn_mask=block.bias, scale=scale,
         )

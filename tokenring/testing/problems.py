@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ..interfaces import LinkTraffic
+from ..interfaces import LinkTraffic, accumulation_dtype
+from ..layout import default_layout
 from ..plan import ProblemShape, build_plan
 from ..reference import reference_attention
 
@@ -59,7 +60,7 @@ class Problem:
 
     @property
     def resolved_layout(self) -> str:
-        return self.layout or ("zigzag" if self.causal else "contiguous")
+        return self.layout or default_layout(self.causal)
 
     def with_(self, **changes) -> "Problem":
         return replace(self, **changes)
@@ -86,7 +87,7 @@ class Problem:
             kv_heads=self.kv_heads,
             head_dim=self.head_dim,
             itemsize=self.torch_dtype.itemsize,
-            acc_itemsize=8 if self.torch_dtype == torch.float64 else 4,
+            acc_itemsize=accumulation_dtype(self.torch_dtype).itemsize,
         )
 
     def planned_link_bytes(self, world_size: int) -> list[LinkTraffic]:

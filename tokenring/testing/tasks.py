@@ -63,16 +63,33 @@ def peak_memory():
         measured["bytes"] = max(peak - before, 0)
 
 
-def _my_inputs(problem: Problem, rank: int, world_size: int):
+def _as_view(t: torch.Tensor, memory: str) -> torch.Tensor:
+    """The same values laid out in memory as users' tensors often are."""
+    if memory == "contiguous":
+        return t.contiguous()
+    if memory == "strided":  # every other element of a wider tensor: last-dim stride 2
+        wide = torch.stack((t, torch.full_like(t, float("nan"))), dim=-1).flatten(-2)
+        return wide[..., ::2]
+    if memory == "heads-major":  # stored as (B, H, S, D), viewed as (B, S, H, D)
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    raise ValueError(f"unknown memory layout {memory!r}")
+
+
+def _my_inputs(problem: Problem, rank: int, world_size: int, memory: str = "contiguous"):
     return [
-        tokenring.shard(t, rank, world_size, layout=problem.resolved_layout).contiguous()
+        _as_view(tokenring.shard(t, rank, world_size, layout=problem.resolved_layout), memory)
         for t in problem.inputs()
     ]
 
 
-def attention(rank: int, world_size: int, problem: Problem, backend: str | None = None) -> dict:
-    """One token_ring_attn call on this rank's shard; returns out, lse and the bytes sent."""
-    q, k, v = _my_inputs(problem, rank, world_size)
+def attention(
+    rank: int, world_size: int, problem: Problem, backend: str | None = None, memory: str = "contiguous"
+) -> dict:
+    """One token_ring_attn call on this rank's shard; returns out, lse and the bytes sent.
+
+    ``memory`` lays the inputs out as "contiguous", "strided" or "heads-major" views.
+    """
+    q, k, v = _my_inputs(problem, rank, world_size, memory)
     with peak_memory() as peak, tokenring.record_traffic() as sent:
         out, lse = tokenring.token_ring_attn(
             q, k, v,
@@ -91,9 +108,11 @@ def attention(rank: int, world_size: int, problem: Problem, backend: str | None 
     }
 
 
-def attention_with_grads(rank: int, world_size: int, problem: Problem, backend: str | None = None) -> dict:
+def attention_with_grads(
+    rank: int, world_size: int, problem: Problem, backend: str | None = None, memory: str = "contiguous"
+) -> dict:
     """Forward and backward on this rank's shard; returns out, dq, dk, dv and the bytes of each pass."""
-    q, k, v = (t.requires_grad_() for t in _my_inputs(problem, rank, world_size))
+    q, k, v = (t.detach().requires_grad_() for t in _my_inputs(problem, rank, world_size, memory))
     dout = tokenring.shard(problem.grad_output(), rank, world_size, layout=problem.resolved_layout)
     with peak_memory() as peak:
         with tokenring.record_traffic() as forward_sent:
@@ -158,7 +177,8 @@ def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: di
     """Call token_ring_attn with some ranks' arguments altered; returns "ok" or raises.
 
     ``per_rank_changes`` maps a rank (or "all") to changes: tensor edits
-    ("q_shape", "k_shape", "v_shape" as new shapes; "<name>_dtype", "<name>_device")
+    ("q_shape", "k_shape", "v_shape" as new shapes; "<name>_dtype", "<name>_device",
+    "<name>_fill" for a value put in its first element, "<name>_requires_grad")
     and keyword overrides ("causal", "layout", "algorithm", "softmax_scale",
     "backend").
     """
@@ -173,6 +193,10 @@ def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: di
             tensors[name] = tensors[name].to(getattr(torch, changes.pop(f"{name}_dtype")))
         if f"{name}_device" in changes:
             tensors[name] = tensors[name].to(changes.pop(f"{name}_device"))
+        if f"{name}_fill" in changes:
+            tensors[name].view(-1)[0] = changes.pop(f"{name}_fill")
+        if changes.pop(f"{name}_requires_grad", False):
+            tensors[name].requires_grad_()
     kwargs = {
         "causal": problem.causal,
         "softmax_scale": problem.softmax_scale,
