@@ -13,7 +13,7 @@ HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 
 
 def run_and_check_grads(worlds, problem: Problem, world_size: int, memory: str = "contiguous"):
-    results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention_with_grads", problem, None, memory)
+    results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention_with_grads", problem, memory)
     layout = problem.resolved_layout
     got = {name: tokenring.unshard([from_bytes(r[name]) for r in results], layout=layout) for name in ("out", "dq", "dk", "dv")}
     want_out, _ = problem.reference()

@@ -13,7 +13,7 @@ HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 
 
 def run_and_check(worlds, problem: Problem, world_size: int, memory: str = "contiguous"):
-    results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention", problem, None, memory)
+    results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention", problem, memory)
     layout = problem.resolved_layout
     outs = [from_bytes(r["out"]) for r in results]
     lses = [from_bytes(r["lse"]) for r in results]

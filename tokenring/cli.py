@@ -239,19 +239,26 @@ def _run_command(args: argparse.Namespace) -> int:
         layout=args.layout,
         algorithm=args.algorithm,
         softmax_scale=args.scale,
+        backend=args.backend,
     )
     layout = problem.resolved_layout
     world_size = args.world_size
 
     threads = f"{args.threads_per_rank} thread{'s' if args.threads_per_rank != 1 else ''}"
     print(f"starting {world_size} ranks ({threads} each)...", file=sys.stderr)
-    env = {"TOKENRING_TIMEOUT_S": str(args.timeout)}
+    env = {
+        "TOKENRING_TIMEOUT_S": str(args.timeout),
+        # Let glibc hand freed memory back at once, so that resident memory
+        # tracks what is live and its peak measures one call's working set.
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "MALLOC_TRIM_THRESHOLD_": "0",
+    }
     with LocalWorld(world_size, threads_per_rank=args.threads_per_rank, env=env) as world:
         print(f"running 1 checked + {args.repeats} timed calls...", file=sys.stderr)
         # Each wait inside a call is bounded by --timeout in the workers; this
         # bound only catches a world that stopped answering altogether.
         results = world.run_ok(
-            "tokenring.testing.tasks.timed_attention", problem, args.repeats, args.backend, args.backward,
+            "tokenring.testing.tasks.timed_attention", problem, args.repeats, args.backward,
             timeout_s=args.timeout * (args.repeats + 1) * (3 if args.backward else 1),
         )
 

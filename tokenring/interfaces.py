@@ -230,6 +230,15 @@ class Backend(abc.ABC):
     def create_kernel(self) -> AttentionKernel:
         ...
 
+    def device(self, local_rank: int) -> torch.device:
+        """The device a process with this node-local rank keeps its tensors on.
+
+        Test harnesses and the CLI call it to place each rank's inputs. The
+        default is ``device_type:local_rank``; a backend whose devices are
+        numbered otherwise (or not at all, like the CPU) overrides it.
+        """
+        return torch.device(self.device_type, local_rank)
+
 
 class TokenRingError(RuntimeError):
     """Base of the errors TokenRing raises itself."""

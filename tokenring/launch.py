@@ -125,8 +125,19 @@ class LocalWorld:
             )
             for r in range(world_size)
         ]
-        for p in self._procs:
-            p.start()
+        # Spawned children inherit os.environ as it is at start; some settings
+        # (the allocator's, for one) are read before any of our code runs.
+        saved = {name: os.environ.get(name) for name in worker_env}
+        os.environ.update(worker_env)
+        try:
+            for p in self._procs:
+                p.start()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         ready = self._collect(lambda item: isinstance(item, RankResult), start_timeout_s, "start")
         failed = [r for r in ready if not r.ok]
         if failed:

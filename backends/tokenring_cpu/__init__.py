@@ -35,6 +35,9 @@ class CpuBackend(Backend):
             return Probe(False, f"torch {torch.__version__} lacks aten._scaled_dot_product_flash_attention_for_cpu")
         return Probe(True, details={"kernel": "aten._scaled_dot_product_flash_attention_for_cpu", "comm": "gloo"})
 
+    def device(self, local_rank: int) -> torch.device:
+        return torch.device("cpu")
+
     def create_comm(self, group=None):
         from .comm import GlooComm
 

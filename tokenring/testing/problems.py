@@ -53,6 +53,7 @@ class Problem:
     layout: str | None = None  # None: the API default for `causal`
     algorithm: str = "tokenring"
     softmax_scale: float | None = None
+    backend: str | None = None  # None: chosen from the tensors' device (the CPU)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -61,6 +62,24 @@ class Problem:
     @property
     def resolved_layout(self) -> str:
         return self.layout or default_layout(self.causal)
+
+    def attention_kwargs(self) -> dict:
+        """The keyword arguments of token_ring_attn for this problem."""
+        return {
+            "causal": self.causal,
+            "softmax_scale": self.softmax_scale,
+            "backend": self.backend,
+            "layout": self.layout,
+            "algorithm": self.algorithm,
+        }
+
+    def device(self, rank: int) -> torch.device:
+        """Where rank ``rank`` keeps its tensors: its backend's device."""
+        if self.backend is None:
+            return torch.device("cpu")
+        from ..registry import registry
+
+        return registry.get(self.backend).device(rank)
 
     def with_(self, **changes) -> "Problem":
         return replace(self, **changes)

@@ -76,30 +76,26 @@ def _as_view(t: torch.Tensor, memory: str) -> torch.Tensor:
 
 
 def _my_inputs(problem: Problem, rank: int, world_size: int, memory: str = "contiguous"):
+    device = problem.device(rank)
     return [
-        _as_view(tokenring.shard(t, rank, world_size, layout=problem.resolved_layout), memory)
+        _as_view(tokenring.shard(t, rank, world_size, layout=problem.resolved_layout).to(device), memory)
         for t in problem.inputs()
     ]
 
 
-def attention(
-    rank: int, world_size: int, problem: Problem, backend: str | None = None, memory: str = "contiguous"
-) -> dict:
+def _my_grad_output(problem: Problem, rank: int, world_size: int) -> torch.Tensor:
+    dout = tokenring.shard(problem.grad_output(), rank, world_size, layout=problem.resolved_layout)
+    return dout.to(problem.device(rank))
+
+
+def attention(rank: int, world_size: int, problem: Problem, memory: str = "contiguous") -> dict:
     """One token_ring_attn call on this rank's shard; returns out, lse and the bytes sent.
 
     ``memory`` lays the inputs out as "contiguous", "strided" or "heads-major" views.
     """
     q, k, v = _my_inputs(problem, rank, world_size, memory)
     with peak_memory() as peak, tokenring.record_traffic() as sent:
-        out, lse = tokenring.token_ring_attn(
-            q, k, v,
-            causal=problem.causal,
-            softmax_scale=problem.softmax_scale,
-            backend=backend,
-            layout=problem.layout,
-            algorithm=problem.algorithm,
-            return_lse=True,
-        )
+        out, lse = tokenring.token_ring_attn(q, k, v, **problem.attention_kwargs(), return_lse=True)
     return {
         "peak_mem_bytes": peak["bytes"],
         "out": to_bytes(out),
@@ -108,23 +104,13 @@ def attention(
     }
 
 
-def attention_with_grads(
-    rank: int, world_size: int, problem: Problem, backend: str | None = None, memory: str = "contiguous"
-) -> dict:
+def attention_with_grads(rank: int, world_size: int, problem: Problem, memory: str = "contiguous") -> dict:
     """Forward and backward on this rank's shard; returns out, dq, dk, dv and the bytes of each pass."""
     q, k, v = (t.detach().requires_grad_() for t in _my_inputs(problem, rank, world_size, memory))
-    dout = tokenring.shard(problem.grad_output(), rank, world_size, layout=problem.resolved_layout)
+    dout = _my_grad_output(problem, rank, world_size)
     with peak_memory() as peak:
         with tokenring.record_traffic() as forward_sent:
-            out, lse = tokenring.token_ring_attn(
-                q, k, v,
-                causal=problem.causal,
-                softmax_scale=problem.softmax_scale,
-                backend=backend,
-                layout=problem.layout,
-                algorithm=problem.algorithm,
-                return_lse=True,
-            )
+            out, lse = tokenring.token_ring_attn(q, k, v, **problem.attention_kwargs(), return_lse=True)
         with tokenring.record_traffic() as backward_sent:
             out.backward(dout)
     return {
@@ -139,29 +125,24 @@ def attention_with_grads(
     }
 
 
-def timed_attention(
-    rank: int, world_size: int, problem: Problem, repeats: int, backend: str | None = None, backward: bool = False
-) -> dict:
+def timed_attention(rank: int, world_size: int, problem: Problem, repeats: int, backward: bool = False) -> dict:
     """One checked call (with its gradients if ``backward``), then ``repeats`` timed calls started together.
 
     "peak_mem_bytes" is the rise in resident memory over the timed calls, which
     (unlike the first call) carry no one-time initialisation of torch or gloo.
     """
     check = attention_with_grads if backward else attention
-    result = check(rank, world_size, problem, backend)
+    result = check(rank, world_size, problem)
     q, k, v = _my_inputs(problem, rank, world_size)
     if backward:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
-        dout = tokenring.shard(problem.grad_output(), rank, world_size, layout=problem.resolved_layout)
+        dout = _my_grad_output(problem, rank, world_size)
     seconds = []
     with peak_memory() as peak:
         for _ in range(repeats):
             dist.barrier()
             start = time.perf_counter()
-            out = tokenring.token_ring_attn(
-                q, k, v, causal=problem.causal, softmax_scale=problem.softmax_scale, backend=backend,
-                layout=problem.layout, algorithm=problem.algorithm,
-            )
+            out = tokenring.token_ring_attn(q, k, v, **problem.attention_kwargs())
             if backward:
                 out.backward(dout)
             seconds.append(time.perf_counter() - start)
@@ -173,7 +154,7 @@ def timed_attention(
     return result
 
 
-def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: dict, backend: str | None = None) -> str:
+def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: dict) -> str:
     """Call token_ring_attn with some ranks' arguments altered; returns "ok" or raises.
 
     ``per_rank_changes`` maps a rank (or "all") to changes: tensor edits
@@ -188,7 +169,7 @@ def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: di
     tensors = {"q": q, "k": k, "v": v}
     for name in ("q", "k", "v"):
         if f"{name}_shape" in changes:
-            tensors[name] = torch.randn(changes.pop(f"{name}_shape"), dtype=q.dtype)
+            tensors[name] = torch.randn(changes.pop(f"{name}_shape"), dtype=q.dtype, device=q.device)
         if f"{name}_dtype" in changes:
             tensors[name] = tensors[name].to(getattr(torch, changes.pop(f"{name}_dtype")))
         if f"{name}_device" in changes:
@@ -197,13 +178,7 @@ def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: di
             tensors[name].view(-1)[0] = changes.pop(f"{name}_fill")
         if changes.pop(f"{name}_requires_grad", False):
             tensors[name].requires_grad_()
-    kwargs = {
-        "causal": problem.causal,
-        "softmax_scale": problem.softmax_scale,
-        "layout": problem.layout,
-        "algorithm": problem.algorithm,
-        "backend": backend,
-    }
+    kwargs = problem.attention_kwargs()
     kwargs.update(changes)
     tokenring.token_ring_attn(tensors["q"], tensors["k"], tensors["v"], **kwargs)
     return "ok"
@@ -215,11 +190,15 @@ def call_unless_absent(rank: int, world_size: int, problem: Problem, absent_rank
 
     if rank == absent_rank:
         return "absent"
+    saved = os.environ.get("TOKENRING_TIMEOUT_S")
     os.environ["TOKENRING_TIMEOUT_S"] = str(timeout_s)
     try:
         return call_with(rank, world_size, problem, {})
     finally:
-        del os.environ["TOKENRING_TIMEOUT_S"]
+        if saved is None:
+            del os.environ["TOKENRING_TIMEOUT_S"]
+        else:
+            os.environ["TOKENRING_TIMEOUT_S"] = saved
 
 
 class _ShardOfReplicated(torch.autograd.Function):
@@ -262,14 +241,12 @@ def gradcheck(rank: int, world_size: int, problem: Problem) -> bool:
     analytical gradient includes every rank's contribution.
     """
     layout = problem.resolved_layout
-    inputs = tuple(t.to(torch.float64).requires_grad_() for t in problem.inputs())
+    device = problem.device(rank)
+    inputs = tuple(t.to(torch.float64).to(device).requires_grad_() for t in problem.inputs())
 
     def sequence_parallel(q_full, k_full, v_full):
         q, k, v = (_ShardOfReplicated.apply(t, rank, world_size, layout) for t in (q_full, k_full, v_full))
-        out = tokenring.token_ring_attn(
-            q, k, v, causal=problem.causal, softmax_scale=problem.softmax_scale,
-            layout=problem.layout, algorithm=problem.algorithm,
-        )
+        out = tokenring.token_ring_attn(q, k, v, **problem.attention_kwargs())
         return _GatherToReplicated.apply(out, rank, world_size, layout)
 
     return torch.autograd.gradcheck(sequence_parallel, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
@@ -277,7 +254,7 @@ def gradcheck(rank: int, world_size: int, problem: Problem) -> bool:
 
 def double_backward(rank: int, world_size: int, problem: Problem) -> str:
     q, k, v = (t.requires_grad_() for t in _my_inputs(problem, rank, world_size))
-    out = tokenring.token_ring_attn(q, k, v, causal=problem.causal, algorithm=problem.algorithm)
+    out = tokenring.token_ring_attn(q, k, v, **problem.attention_kwargs())
     (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     dq.sum().backward()
     return "no error"
@@ -289,7 +266,7 @@ def pool_bytes_after_calls(rank: int, world_size: int, problem: Problem, calls: 
 
     for _ in range(calls):
         q, k, v = (t.requires_grad_() for t in _my_inputs(problem, rank, world_size))
-        out = tokenring.token_ring_attn(q, k, v, causal=problem.causal, algorithm=problem.algorithm)
+        out = tokenring.token_ring_attn(q, k, v, **problem.attention_kwargs())
         out.backward(torch.ones_like(out))
     pools = [e.pool.nbytes() for e in _executors.values()]
     return {"pool_bytes": sum(pools), "shard_bytes": q.numel() * q.element_size()}
@@ -297,6 +274,6 @@ def pool_bytes_after_calls(rank: int, world_size: int, problem: Problem, calls: 
 
 def lse_requires_grad(rank: int, world_size: int, problem: Problem) -> bool:
     q, k, v = (t.requires_grad_() for t in _my_inputs(problem, rank, world_size))
-    out, lse = tokenring.token_ring_attn(q, k, v, causal=problem.causal, return_lse=True)
+    out, lse = tokenring.token_ring_attn(q, k, v, **problem.attention_kwargs(), return_lse=True)
     out.sum().backward()
     return lse.requires_grad
