@@ -136,6 +136,23 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     run.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     run.set_defaults(handler=_run_command)
+
+    from . import benchmark, conformance
+
+    bench = commands.add_parser(
+        "bench", help="run one problem through several implementations side by side and compare them"
+    )
+    benchmark.add_arguments(bench)
+    bench.set_defaults(handler=benchmark.command)
+
+    suite = commands.add_parser(
+        "conformance",
+        help="run the shared conformance suite against an installed backend",
+        description=conformance.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    conformance.add_arguments(suite)
+    suite.set_defaults(handler=conformance.command)
     return parser, run
 
 
@@ -253,7 +270,9 @@ def _run_command(args: argparse.Namespace) -> int:
         "MALLOC_MMAP_THRESHOLD_": "65536",
         "MALLOC_TRIM_THRESHOLD_": "0",
     }
-    with LocalWorld(world_size, threads_per_rank=args.threads_per_rank, env=env) as world:
+    with LocalWorld(
+        world_size, tokenring_backend=args.backend, threads_per_rank=args.threads_per_rank, env=env
+    ) as world:
         print(f"running 1 checked + {args.repeats} timed calls...", file=sys.stderr)
         # Each wait inside a call is bounded by --timeout in the workers; this
         # bound only catches a world that stopped answering altogether.

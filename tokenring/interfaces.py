@@ -217,6 +217,9 @@ class Backend(abc.ABC):
     name: str = ""
     device_type: str = ""          # torch device type this backend serves
     capabilities: Capabilities = Capabilities()
+    # The torch.distributed backend that local worlds (CLI, conformance suite)
+    # start this backend's ranks with: "gloo", "nccl", "hccl", ...
+    distributed_backend: str = "gloo"
 
     @abc.abstractmethod
     def probe(self) -> Probe:
@@ -238,6 +241,21 @@ class Backend(abc.ABC):
         numbered otherwise (or not at all, like the CPU) overrides it.
         """
         return torch.device(self.device_type, local_rank)
+
+    def device_count(self) -> int | None:
+        """How many ranks one machine can host with this backend; None: no fixed limit.
+
+        The conformance suite skips world sizes above it (NCCL, for one,
+        cannot put two ranks on one GPU).
+        """
+        return None
+
+    def prepare_process(self, local_rank: int) -> None:
+        """Called in each local rank's process before its process group starts.
+
+        A backend whose transport must know the device first (NCCL needs
+        ``torch.cuda.set_device``) does that here. The default does nothing.
+        """
 
 
 class TokenRingError(RuntimeError):

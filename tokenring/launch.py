@@ -58,7 +58,7 @@ def _failure(rank: int, exc: BaseException) -> RankResult:
     )
 
 
-def _worker_main(rank, world_size, backend, init_file, threads, env, tasks, results):
+def _worker_main(rank, world_size, backend, tokenring_backend, init_file, threads, env, tasks, results):
     os.environ.update(env)
     import torch
     import torch.distributed as dist
@@ -66,6 +66,10 @@ def _worker_main(rank, world_size, backend, init_file, threads, env, tasks, resu
     if threads:
         torch.set_num_threads(threads)
     try:
+        if tokenring_backend is not None:
+            from .registry import registry
+
+            registry.get(tokenring_backend).prepare_process(rank)
         dist.init_process_group(
             backend,
             init_method=f"file://{init_file}",
@@ -98,13 +102,28 @@ class LocalWorld:
         self,
         world_size: int,
         *,
-        backend: str = "gloo",
+        backend: str | None = None,
+        tokenring_backend: str | None = None,
         threads_per_rank: int | None = None,
         env: dict[str, str] | None = None,
         start_timeout_s: float = 120.0,
     ) -> None:
+        """Start ``world_size`` ranks joined over ``backend`` (a torch.distributed backend).
+
+        With ``tokenring_backend`` (a TokenRing backend's name), each rank
+        calls that backend's `Backend.prepare_process` before joining, and
+        ``backend`` defaults to its `Backend.distributed_backend`; without
+        either, ranks join over gloo.
+        """
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if backend is None:
+            if tokenring_backend is None:
+                backend = "gloo"
+            else:
+                from .registry import registry
+
+                backend = registry.get(tokenring_backend).distributed_backend
         self.world_size = world_size
         if threads_per_rank is None:
             threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
@@ -119,7 +138,7 @@ class LocalWorld:
         self._procs = [
             ctx.Process(
                 target=_worker_main,
-                args=(r, world_size, backend, init_file, threads_per_rank, worker_env, self._tasks[r], self._results),
+                args=(r, world_size, backend, tokenring_backend, init_file, threads_per_rank, worker_env, self._tasks[r], self._results),
                 daemon=True,
                 name=f"tokenring-rank{r}",
             )
