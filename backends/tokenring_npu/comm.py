@@ -1,0 +1,214 @@
+"""Point-to-point messaging over an HCCL process group (torch_npu).
+
+Two transport rules that HCCL users report, and that this Comm enforces so the
+scheduler never has to know them:
+
+* a batch of point-to-point operations must not hold several sends to the
+  same peer (nor, symmetrically, several receives from one peer): every send
+  of a batch for one peer is coalesced into ONE message (its bytes in batch
+  order), and the receiver, which posts the matching receives in the same
+  order, takes that one message into a staging buffer and splits it;
+* a sent tensor must start at storage offset 0 and be dense: a view (such as
+  the second half of a shard) is copied first. Receives into such views go
+  through a staging buffer too.
+
+The executor already packs a step's (out, lse) for one peer into a single
+buffer, so on TokenRing's and Ring's plans the coalescing is normally a no-op;
+it is what makes the Comm correct for any caller of the Comm contract.
+
+HCCL ignores tags, so messages between two ranks match in the order they are
+posted; every rank posts a step's QUERY batch before its PARTIAL batch, so the
+order agrees on both sides. Gloo honours tags, which lets the tests run this
+very code over gloo on a CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, Recv, Send, TokenRingError
+
+_CHANNEL_TAGS = {Channel.QUERY: 0, Channel.PARTIAL: 1}
+
+
+def _tag(step: int, channel: Channel) -> int:
+    return step * len(_CHANNEL_TAGS) + _CHANNEL_TAGS[channel]
+
+
+def _sendable(tensor: torch.Tensor) -> torch.Tensor:
+    """A dense tensor at storage offset 0 holding ``tensor``'s values."""
+    if tensor.is_contiguous() and tensor.storage_offset() == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a dense tensor (viewing as a narrower dtype is always allowed)."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+@dataclass
+class WireMessage:
+    """One message on the wire: to or from ``peer``, and the tensors it carries."""
+
+    peer: int
+    buffer: torch.Tensor              # dense, storage offset 0
+    parts: list[torch.Tensor]         # the caller's tensors, in batch order
+
+
+def coalesce_sends(sends: Sequence[Send]) -> list[WireMessage]:
+    """One message per peer, in order of each peer's first send."""
+    by_peer: dict[int, list[torch.Tensor]] = {}
+    for send in sends:
+        by_peer.setdefault(send.peer, []).append(send.tensor)
+    messages = []
+    for peer, tensors in by_peer.items():
+        if len(tensors) == 1:
+            messages.append(WireMessage(peer, _sendable(tensors[0]), tensors))
+            continue
+        buffer = torch.empty(sum(t.numel() * t.element_size() for t in tensors), dtype=torch.uint8, device=tensors[0].device)
+        offset = 0
+        for t in tensors:
+            nbytes = t.numel() * t.element_size()
+            buffer[offset : offset + nbytes].copy_(_as_bytes(t.contiguous()))
+            offset += nbytes
+        messages.append(WireMessage(peer, buffer, tensors))
+    return messages
+
+
+def coalesce_recvs(recvs: Sequence[Recv]) -> list[WireMessage]:
+    """One message per peer; receive straight into the caller's tensor where the rules allow."""
+    by_peer: dict[int, list[torch.Tensor]] = {}
+    for recv in recvs:
+        by_peer.setdefault(recv.peer, []).append(recv.tensor)
+    messages = []
+    for peer, tensors in by_peer.items():
+        if len(tensors) == 1 and tensors[0].is_contiguous() and tensors[0].storage_offset() == 0:
+            messages.append(WireMessage(peer, tensors[0], tensors))
+            continue
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        messages.append(WireMessage(peer, torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device), tensors))
+    return messages
+
+
+def scatter_received(message: WireMessage) -> None:
+    """Copy a staged message into the caller's receive tensors (no-op when received in place)."""
+    if len(message.parts) == 1 and message.parts[0] is message.buffer:
+        return
+    staged = message.buffer if message.buffer.dtype == torch.uint8 else _as_bytes(message.buffer)
+    offset = 0
+    for t in message.parts:
+        nbytes = t.numel() * t.element_size()
+        piece = staged[offset : offset + nbytes]
+        if t.is_contiguous():
+            _as_bytes(t).copy_(piece)
+        else:
+            # A uint8 slice may not be aligned for a wider dtype: copy it out first.
+            t.copy_(piece.clone().view(t.dtype).view(t.shape))
+        offset += nbytes
+
+
+class _BatchHandle(Handle):
+    def __init__(self, works, sent: list[WireMessage], received: list[WireMessage], where: str):
+        self._works = works
+        self._sent = sent            # keeps send buffers alive until the batch completes
+        self._received = received
+        self._where = where
+
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for work in self._works:
+            _wait(work, max(deadline - time.monotonic(), 0.001), self._where)
+        # On an NPU, wait() orders the current stream after the transfer, so
+        # these copies see the received bytes.
+        for message in self._received:
+            scatter_received(message)
+        self._works, self._sent, self._received = [], [], []
+
+
+def _wait(work, timeout_s: float, where: str) -> None:
+    try:
+        work.wait(datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as error:
+        if "timed out" in str(error).lower():
+            raise CommTimeout(
+                f"{where}: no answer from a peer within {timeout_s:.1f} s "
+                "(did every rank of the group call token_ring_attn with the same arguments?)"
+            ) from error
+        raise TokenRingError(f"{where}: communication failed: {error}") from error
+
+
+class BatchedP2PComm(Comm):
+    """Comm over ``torch.distributed.batch_isend_irecv`` with one message per peer and batch.
+
+    ``expected_backend`` names the torch.distributed backend the group must
+    use ("hccl" for `HcclComm`; the tests use "gloo"); ``device`` is where
+    staging buffers and the agreement check's tensors live.
+    """
+
+    backend_label = "npu"
+
+    def __init__(self, group=None, *, expected_backend: str, device: torch.device,
+                 batch_isend_irecv: Callable = dist.batch_isend_irecv) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise BackendError(
+                f"backend {self.backend_label!r}: torch.distributed is not initialized; call "
+                f"torch.distributed.init_process_group({expected_backend!r}, ...) on every rank first"
+            )
+        group = group if group is not None else dist.group.WORLD
+        backend_name = str(dist.get_backend(group))
+        if expected_backend not in backend_name:
+            raise BackendError(
+                f"backend {self.backend_label!r} needs a {expected_backend} process group, got {backend_name!r}; "
+                f"create one with torch.distributed.new_group(backend={expected_backend!r})"
+            )
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.device = torch.device(device)
+        self._batch_isend_irecv = batch_isend_irecv
+
+    def exchange(self, sends, recvs, *, channel, step):
+        tag = _tag(step, channel)
+        outgoing = coalesce_sends(sends)
+        incoming = coalesce_recvs(recvs)
+        ops = [dist.P2POp(dist.isend, m.buffer, group=self.group, group_peer=m.peer, tag=tag) for m in outgoing]
+        ops += [dist.P2POp(dist.irecv, m.buffer, group=self.group, group_peer=m.peer, tag=tag) for m in incoming]
+        for m in outgoing:
+            self._record_sent(step, m.peer, m.buffer.numel() * m.buffer.element_size())
+        works = self._batch_isend_irecv(ops) if ops else []
+        where = f"rank {self.rank}, step {step}, {Channel(channel).value} channel"
+        return _BatchHandle(works or [], outgoing, incoming, where)
+
+    def all_gather_bytes(self, payload: bytes, *, timeout_s: float) -> list[bytes]:
+        # int32 rather than uint8: every HCCL version reduces/gathers int32.
+        deadline = time.monotonic() + timeout_s
+        where = f"rank {self.rank}, agreement check"
+        size = torch.tensor([len(payload)], dtype=torch.int32, device=self.device)
+        sizes = [torch.zeros(1, dtype=torch.int32, device=self.device) for _ in range(self.world_size)]
+        _wait(dist.all_gather(sizes, size, group=self.group, async_op=True), timeout_s, where)
+        lengths = [int(s.item()) for s in sizes]
+        longest = max(lengths)
+        mine = torch.zeros(longest, dtype=torch.int32)
+        if payload:
+            mine[: len(payload)] = torch.tensor(list(payload), dtype=torch.int32)
+        mine = mine.to(self.device)
+        everyone = [torch.empty(longest, dtype=torch.int32, device=self.device) for _ in range(self.world_size)]
+        _wait(dist.all_gather(everyone, mine, group=self.group, async_op=True), max(deadline - time.monotonic(), 0.001), where)
+        return [bytes(t[:n].cpu().tolist()) for t, n in zip(everyone, lengths)]
+
+
+class HcclComm(BatchedP2PComm):
+    """The NPU backend's Comm: an HCCL group, staging on this process's current NPU."""
+
+    def __init__(self, group=None) -> None:
+        import torch_npu  # noqa: F401  (registers torch.npu and the "hccl" backend)
+
+        super().__init__(group, expected_backend="hccl", device=torch.device("npu", torch.npu.current_device()))
