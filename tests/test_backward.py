@@ -2,28 +2,15 @@
 
 import pytest
 
-import tokenring
-from tokenring.interfaces import LinkTraffic
-from tokenring.plan import build_plan, sum_by_link
-from tokenring.testing.problems import GRAD_TOLERANCE, Problem, relative_error
-from tokenring.testing.tasks import from_bytes
+from tokenring.testing.checks import check_gradients
+from tokenring.testing.problems import Problem
 
 WORLD_SIZES = [1, 2, 3, 4]
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 
 
 def run_and_check_grads(worlds, problem: Problem, world_size: int, memory: str = "contiguous"):
-    results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention_with_grads", problem, memory)
-    layout = problem.resolved_layout
-    got = {name: tokenring.unshard([from_bytes(r[name]) for r in results], layout=layout) for name in ("out", "dq", "dk", "dv")}
-    want_out, _ = problem.reference()
-    want = dict(zip(("dq", "dk", "dv"), problem.reference_grads()), out=want_out)
-    tolerance = GRAD_TOLERANCE[problem.torch_dtype]
-    errors = {name: relative_error(got[name], want[name]) for name in got}
-    assert all(e <= tolerance for e in errors.values()), f"N={world_size} {problem}: {errors} > {tolerance:g}"
-    for name, tensor in got.items():
-        assert tensor.dtype == problem.torch_dtype, f"{name} came back as {tensor.dtype}"
-    return results
+    return check_gradients(worlds.get(world_size), problem, memory)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -80,11 +67,8 @@ def test_gradcheck_in_float64(worlds, seed, world_size, algorithm, causal):
 def test_backward_traffic_equals_the_backward_plan(worlds, seed, world_size, algorithm, causal):
     problem = Problem(seed, batch=2, seq_len=6 * world_size, q_heads=6, kv_heads=2, head_dim=17, dtype="bfloat16",
                       causal=causal, algorithm=algorithm)
-    results = run_and_check_grads(worlds, problem, world_size)
-    measured = sum_by_link(LinkTraffic(**m) for r in results for m in r["backward_sent"])
-    plan = build_plan(algorithm, problem.resolved_layout, causal, world_size, backward=True)
-    assert measured == plan.link_bytes(problem.shape(world_size))
-    assert sum_by_link(LinkTraffic(**m) for r in results for m in r["sent"]) == problem.planned_link_bytes(world_size)
+    # check_gradients compares the bytes of both passes with their plans.
+    run_and_check_grads(worlds, problem, world_size)
 
 
 def test_double_backward_is_a_clear_error(worlds, seed):

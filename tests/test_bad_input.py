@@ -5,6 +5,7 @@ import time
 import pytest
 
 from tokenring.launch import LocalWorld
+from tokenring.testing.checks import assert_all_ranks_fail
 from tokenring.testing.problems import Problem
 
 WORLD_SIZE = 3
@@ -23,20 +24,6 @@ def call_everywhere(worlds, problem, changes):
     elapsed = time.monotonic() - start
     assert elapsed < 20, f"errors took {elapsed:.1f} s to surface"
     return results
-
-
-def assert_all_ranks_fail(results, *fragments, culprit=None):
-    for r in results:
-        assert not r.ok, f"rank {r.rank} did not raise"
-        assert r.error_type.endswith("InputError"), f"rank {r.rank}: {r.error_type}: {r.error}"
-        assert f"on rank {r.rank}" in r.error, r.error
-        if culprit is None or r.rank == culprit:
-            for fragment in fragments:
-                assert fragment in r.error, f"rank {r.rank}: {fragment!r} not in {r.error!r}"
-        else:
-            assert f"rank {culprit} rejected its input" in r.error, r.error
-            for fragment in fragments:
-                assert fragment in r.error, r.error
 
 
 CASES = {

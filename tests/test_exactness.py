@@ -2,36 +2,16 @@
 
 
 import pytest
-import torch
 
-import tokenring
-from tokenring.testing.problems import TOLERANCE, Problem, relative_error
-from tokenring.testing.tasks import from_bytes
+from tokenring.testing.checks import check_attention
+from tokenring.testing.problems import Problem
 
 WORLD_SIZES = [1, 2, 3, 4]
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 
 
 def run_and_check(worlds, problem: Problem, world_size: int, memory: str = "contiguous"):
-    results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention", problem, memory)
-    layout = problem.resolved_layout
-    outs = [from_bytes(r["out"]) for r in results]
-    lses = [from_bytes(r["lse"]) for r in results]
-    out = tokenring.unshard(outs, layout=layout)
-    lse = tokenring.unshard(lses, layout=layout, dim=2)
-    want_out, want_lse = problem.reference()
-    tolerance = TOLERANCE[problem.torch_dtype]
-    err_out, err_lse = relative_error(out, want_out), relative_error(lse, want_lse)
-    assert err_out <= tolerance and err_lse <= tolerance, (
-        f"N={world_size} {problem}: rel err out {err_out:.3g}, lse {err_lse:.3g} > {tolerance:g}"
-    )
-    seq_local = problem.seq_len // world_size
-    for rank_out, rank_lse in zip(outs, lses):
-        assert rank_out.dtype == problem.torch_dtype
-        assert rank_out.shape == (problem.batch, seq_local, problem.q_heads, problem.head_dim)
-        assert rank_lse.shape == (problem.batch, problem.q_heads, seq_local)
-        assert rank_lse.dtype == (torch.float64 if problem.dtype == "float64" else torch.float32)
-    return results
+    return check_attention(worlds.get(world_size), problem, memory)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

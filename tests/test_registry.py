@@ -1,54 +1,9 @@
 """Backend discovery through the tokenring.backends entry points, and selection."""
 
-import textwrap
-
 import pytest
 
 from tokenring.interfaces import BackendError
 from tokenring.registry import Registry
-
-
-def make_distribution(root, name, entry_points, modules):
-    """A minimal installed distribution on ``root`` (a dist-info folder and modules)."""
-    info = root / f"{name}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
-    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[tokenring.backends]\n{lines}\n")
-    for module, source in modules.items():
-        (root / f"{module}.py").write_text(textwrap.dedent(source))
-
-
-GOOD_BUT_DUPLICATE = """
-    import tokenring
-    from tokenring_cpu import CpuBackend
-
-    class Clash(CpuBackend):
-        pass
-
-    class Incomplete:
-        name = "incomplete"
-        device_type = "cpu"
-
-    @tokenring.hookimpl
-    def tokenring_register_backends(register):
-        register(Clash())          # name 'cpu' is taken
-        register(Incomplete())     # no capabilities, probe, create_comm, create_kernel
-"""
-
-
-@pytest.fixture
-def plugin_path(tmp_path, monkeypatch):
-    make_distribution(
-        tmp_path,
-        "broken_plugin",
-        {"broken": "module_that_raises", "clashing": "clashing_backends"},
-        {"module_that_raises": "raise RuntimeError('CANN toolkit not found')", "clashing_backends": GOOD_BUT_DUPLICATE},
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv("TOKENRING_PLUGINS", raising=False)
-    monkeypatch.delenv("TOKENRING_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    return tmp_path
 
 
 def test_cpu_backend_is_discovered_through_its_entry_point():

@@ -29,6 +29,7 @@ def pytest_arguments(backend: str, extra: list[str]) -> list[str]:
         extra = extra[1:]
     return [
         "-p", PLUGIN_MODULE,
+        "-ra",
         "-p", "no:cacheprovider",  # the suite may live in site-packages: write nothing there
         f"--tokenring-backend={backend}",
         "--pyargs", SUITE_MODULE,
