@@ -1,0 +1,167 @@
+"""Whole-model tasks for `tokenring.launch.LocalWorld`: training parity and long-context prefill.
+
+Each task is called as ``task(rank, world_size, *args)`` on every rank and
+returns plain data (tensors as bytes, see `tokenring.testing.tasks.to_bytes`).
+The single-process references run in the calling process, with no process
+group at all.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import tokenring
+from tokenring import sequence
+from tokenring.testing.problems import DTYPES
+from tokenring.testing.tasks import from_bytes, peak_memory, to_bytes
+from tokenring.testing.tiny_llama import (
+    TinyLlama,
+    TinyLlamaConfig,
+    build_reference,
+    random_batches,
+    sequence_parallel_copy,
+)
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """Several optimizer steps of a tiny Llama on random tokens, rebuilt from the seed on every process."""
+
+    config: TinyLlamaConfig = field(default_factory=TinyLlamaConfig)
+    seed: int = 0
+    steps: int = 4
+    batch: int = 2
+    seq_len: int = 32          # the full sequence; divisible by 2N for zigzag
+    dtype: str = "float32"
+    layout: str = "zigzag"
+    algorithm: str = "tokenring"
+    # The layout the batch is sharded with; a different one than the
+    # attention's is a bug, which the parity check must catch.
+    batch_layout: str | None = None
+    # Plain SGD with momentum: Adam's first steps divide by |g|, which turns
+    # rounding-level differences in tiny gradients into full-size updates.
+    lr: float = 0.2
+    momentum: float = 0.9
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def _optimizer(run: TrainingRun, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=run.lr, momentum=run.momentum)
+
+
+def reference_training(run: TrainingRun) -> dict:
+    """The single-process model trained on the full sequences: per-step loss and flat gradient.
+
+    The loss is written the usual single-process way (shift inside the
+    sequence, mean over the tokens), not with `tokenring.sequence`.
+    """
+    model = build_reference(run.config, run.seed, run.torch_dtype)
+    optimizer = _optimizer(run, model)
+    losses, grads = [], []
+    for input_ids in random_batches(run.config, run.seed, run.steps, run.batch, run.seq_len):
+        logits = model(input_ids)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(_flat_grad(model).clone())
+        optimizer.step()
+    return {"losses": losses, "grads": grads}
+
+
+def sequence_parallel_training(rank: int, world_size: int, run: TrainingRun) -> dict:
+    """The same training, each rank holding its shard of every sequence; per-step loss and summed gradient."""
+    reference = build_reference(run.config, run.seed, run.torch_dtype)
+    model = sequence_parallel_copy(reference, layout=run.layout, algorithm=run.algorithm)
+    optimizer = _optimizer(run, model)
+    losses, grads = [], []
+    for input_ids in random_batches(run.config, run.seed, run.steps, run.batch, run.seq_len):
+        batch = sequence.shard_batch({"input_ids": input_ids, "labels": input_ids},
+                                     layout=run.batch_layout or run.layout)
+        logits = model(batch["input_ids"], batch["position_ids"])
+        loss = sequence.causal_lm_loss(logits, batch["shift_labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        # Every rank holds every parameter, but its backward only saw its own
+        # tokens: the full gradient is the sum over ranks.
+        sequence.all_reduce_gradients(model.parameters())
+        losses.append(loss.item())
+        grads.append(to_bytes(_flat_grad(model)))
+        optimizer.step()
+    return {"losses": losses, "grads": grads}
+
+
+@dataclass
+class ParityReport:
+    world_size: int
+    max_loss_diff: float       # max over steps and ranks of |loss - reference loss|
+    max_grad_diff: float       # max over steps and ranks of max|g - g_ref| / max|g_ref|
+    nan_seen: bool
+
+    def holds(self, loss_tolerance: float, grad_tolerance: float) -> bool:
+        return not self.nan_seen and self.max_loss_diff <= loss_tolerance and self.max_grad_diff <= grad_tolerance
+
+
+def compare_training(world_size: int, reference: dict, per_rank: list[dict]) -> ParityReport:
+    max_loss, max_grad, nan_seen = 0.0, 0.0, False
+    for result in per_rank:
+        for step, (loss, blob) in enumerate(zip(result["losses"], result["grads"])):
+            grad, want = from_bytes(blob).double(), reference["grads"][step].double()
+            loss_diff = abs(loss - reference["losses"][step])
+            grad_diff = ((grad - want).abs().max() / want.abs().max()).item()
+            nan_seen |= loss_diff != loss_diff or grad_diff != grad_diff
+            max_loss, max_grad = max(max_loss, loss_diff), max(max_grad, grad_diff)
+    return ParityReport(world_size, max_loss, max_grad, nan_seen)
+
+
+# Long-context prefill -------------------------------------------------------
+
+PREFILL_CONFIG = TinyLlamaConfig(vocab_size=1024, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
+                                 intermediate_size=768)
+
+
+def _last_token_owner(seq_len: int, world_size: int, layout: str) -> tuple[int, int]:
+    """(rank, local index) of the sequence's last token."""
+    for rank in range(world_size):
+        positions = sequence.local_positions(seq_len, rank=rank, world_size=world_size, layout=layout)
+        hits = (positions == seq_len - 1).nonzero()
+        if len(hits):
+            return rank, int(hits[0])
+    raise AssertionError("no rank holds the last token")
+
+
+def prefill(rank: int, world_size: int, config: TinyLlamaConfig, seed: int, seq_len: int, layout: str = "zigzag") -> dict:
+    """One no-grad forward pass over a long prompt, sharded; the next-token logits and this rank's peak memory.
+
+    ``peak_mem_bytes`` is how far this rank's resident memory rose during the
+    pass, above the model and the rank's shard of the token ids.
+    """
+    model = sequence_parallel_copy(build_reference(config, seed), layout=layout)
+    input_ids = random_batches(config, seed, 1, 1, seq_len)[0]
+    batch = sequence.shard_batch({"input_ids": input_ids}, layout=layout)
+    del input_ids
+    owner, index = _last_token_owner(seq_len, world_size, layout)
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    with torch.no_grad(), peak_memory() as peak:
+        hidden = model.hidden_states(batch["input_ids"], batch["position_ids"])
+        # A prefill only needs the next token's logits, not the whole sequence's.
+        next_logits = model.lm_head(hidden[:, index]) if rank == owner else None
+        del hidden
+    seconds = time.perf_counter() - start
+    return {
+        "peak_mem_bytes": peak["bytes"],
+        "seconds": seconds,
+        "next_logits": to_bytes(next_logits) if next_logits is not None else None,
+    }
