@@ -23,10 +23,12 @@ import tokenring
 from tokenring.interfaces import Backend, Capabilities, Probe
 
 # Documented by torch_npu (Ascend/op-plugin docs, torch_npu-npu_fusion_attention.md):
-# float16, bfloat16 and float32; D in 1..768 there, 1..512 in MindSpeed's copy of
-# the constraints, so we declare the smaller range; Nq a multiple of Nkv.
+# float16, bfloat16 and float32 (CANN 7.0.0's documentation: float16 and bfloat16
+# only); any D in 1..768 there, 1..512 in MindSpeed's copy of the constraints.
+# Nothing has run on hardware yet, so we declare the multiples of 16 up to 512,
+# the head dims models use; widening needs a hardware run (ci/npu).
 _DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
-MAX_HEAD_DIM = 512
+HEAD_DIMS = tuple(range(16, 513, 16))
 
 
 class NpuBackend(Backend):
@@ -35,7 +37,7 @@ class NpuBackend(Backend):
     distributed_backend = "hccl"
     capabilities = Capabilities(
         dtypes=_DTYPES,
-        head_dims=tuple(range(1, MAX_HEAD_DIM + 1)),
+        head_dims=HEAD_DIMS,
         gqa=True,          # Hq must be a multiple of Hkv (checked by the core before any work)
         causal=True,
         backward=True,
