@@ -83,6 +83,8 @@ class NpuBackend(Backend):
     def device_count(self) -> int | None:
         # HCCL, like NCCL, cannot put two ranks on one device.
         try:
+            import torch_npu  # noqa: F401  (torch.npu exists only once it is imported)
+
             return int(torch.npu.device_count())
         except Exception:
             return 0
