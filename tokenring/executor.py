@@ -6,6 +6,10 @@ That overlap is the algorithm. A buffer that was sent is only reused after the
 step that sent it has been waited on, so a send in flight never sees its data
 change, and a partial result is given back to the pool as soon as it has been
 folded in.
+
+When something listens for timelines (`tokenring.timeline`), each step's
+post, block compute, wait and merges are recorded; the check is made once per
+pass, and with no listener ``self.trace`` is None and nothing is recorded.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import timeline
 from .interfaces import AttentionKernel, Channel, Comm, Handle, Recv, Send, accumulation_dtype
 from .plan import Block, Part, Payload, Plan, ProblemShape, Step, Transfer
 
@@ -117,15 +122,21 @@ class _Run:
         self.held: dict[Key, _Held] = {}
         self._packed_for_send: list[torch.Tensor] = []  # pooled copies, free again once their step is waited
         self.release_after = _release_schedule(plan, self.rank, self.query_payload)
+        self.trace = timeline.recorder(self.rank, self.comm.world_size, plan.algorithm.value, plan.backward)
+        self.step_index = 0
 
     def run(self, timeout_s: float):
         try:
             for step in self.plan.steps:
+                self.step_index = step.index
                 self._step(step, timeout_s)
-            return self.result()
+            result = self.result()
         finally:
             for key in list(self.held):
                 self._release(key)
+        if self.trace is not None:
+            self.trace.finish()
+        return result
 
     # -- messages --------------------------------------------------------------
 
@@ -179,6 +190,8 @@ class _Run:
     # -- one step --------------------------------------------------------------
 
     def _step(self, step: Step, timeout_s: float) -> None:
+        trace = self.trace
+        started = timeline.clock() if trace is not None else 0.0
         incoming = [t for t in step.transfers if t.dst == self.rank]
         outgoing = [t for t in step.transfers if t.src == self.rank]
         handles: list[Handle] = []
@@ -195,18 +208,33 @@ class _Run:
             if sends or recvs:
                 sent.extend(s.tensor for s in sends)
                 handles.append(self.comm.exchange(sends, recvs, channel=channel, step=step.index))
+        if trace is not None and handles:
+            trace.add(
+                timeline.POST, step.index, started,
+                sends={t.dst: t.payload.value for t in outgoing},
+                recvs={t.src: t.payload.value for t in incoming},
+                bytes_out=sum(s.numel() * s.element_size() for s in sent),
+                bytes_in=sum(b.numel() * b.element_size() for _, b in received),
+            )
 
         block = step.block_of(self.rank)
         if block is not None:
             self._compute(block)
 
+        if trace is not None:
+            waited = timeline.clock()
         for handle in handles:
             handle.wait(timeout_s)
+        if trace is not None and handles:
+            trace.add(timeline.WAIT, step.index, waited)
+            merged = timeline.clock()
         for buffer in self._packed_for_send:
             self.pool.give(buffer)
         self._packed_for_send.clear()
         for t, buffer in received:
             self._arrive(t, buffer)
+        if trace is not None and received:
+            trace.add(timeline.MERGE, step.index, merged, arrived=[t.payload.value for t, _ in received])
         for key in self.release_after.get(step.index, ()):
             self._release(key)
 
@@ -261,12 +289,18 @@ class _ForwardRun(_Run):
     def _compute(self, block: Block) -> None:
         q = _narrow_sections(self.held[(Payload.QUERY, block.q_owner)], block.q_part)["q"]
         k, v = self._key_value(block.kv_owner, block.kv_part)
+        started = timeline.clock() if self.trace is not None else 0.0
         out, lse = self.kernel.forward(q, k, v, scale=self.scale, mask=block.mask)
+        if self.trace is not None:
+            self.trace.add(timeline.COMPUTE, self.step_index, started, q_owner=block.q_owner, kv_owner=block.kv_owner)
+            started = timeline.clock()
         if block.q_owner == self.rank:
             self._accumulate(out, lse, block.q_part)
         else:
             packed = self._pack(Payload.PARTIAL, block.q_part, {"out": out, "lse": lse})
             self._hold((Payload.PARTIAL, block.q_owner), block.q_part, packed)
+        if self.trace is not None:
+            self.trace.add(timeline.MERGE, self.step_index, started, local=block.q_owner == self.rank)
 
     def _arrive(self, t: Transfer, buffer: torch.Tensor) -> None:
         if t.payload is Payload.PARTIAL:
@@ -299,9 +333,12 @@ class _BackwardRun(_Run):
     def _compute(self, block: Block) -> None:
         mine = _narrow_sections(self.held[(Payload.GRAD_QUERY, block.q_owner)], block.q_part)
         k, v = self._key_value(block.kv_owner, block.kv_part)
+        started = timeline.clock() if self.trace is not None else 0.0
         dq, dk, dv = self.kernel.backward(
             mine["dout"], mine["q"], k, v, mine["out"], mine["lse"], scale=self.scale, mask=block.mask
         )
+        if self.trace is not None:
+            self.trace.add(timeline.COMPUTE, self.step_index, started, q_owner=block.q_owner, kv_owner=block.kv_owner)
         if block.q_owner == self.rank:
             self._add_into(self.dq, block.q_part, dq, 1)
         else:

@@ -38,3 +38,32 @@ def tokenring_register_backends(register):
 
     Return value: ignored. Every plugin's implementation is called.
     """
+
+
+# ---------------------------------------------------------------------------
+# Observation
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def tokenring_timeline(timeline):
+    """Receive what this rank did during one pass of one attention call.
+
+    Called on every rank at the end of each forward pass and each backward
+    pass that the executor runs, with the events of that pass only. Whether
+    any plugin implements this hook is checked once per pass; when none does,
+    the executor records no events at all, so an unused hook costs nothing.
+    Implementations run inside the attention call: keep them short (append
+    to a file or a list) and do not call collectives.
+
+    :param timeline: a `tokenring.timeline.Timeline`: ``rank``,
+        ``world_size``, ``algorithm`` ("tokenring" or "ring"), ``backward``
+        and ``events``, each a `tokenring.timeline.Event` with ``kind``
+        ("post": the step's messages handed to the Comm; "compute": one block
+        kernel; "wait": blocked on the step's messages; "merge": results
+        folded into accumulators), ``step``, ``start_s`` and ``end_s`` (seconds
+        on the host's monotonic clock, shared by the processes of one
+        machine) and ``detail`` (a dict, e.g. bytes and peers of a post).
+
+    Return value: ignored. Every plugin's implementation is called.
+    """

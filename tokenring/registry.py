@@ -108,7 +108,16 @@ class Registry:
     def _ensure_loaded(self) -> None:
         with self._lock:
             if self._entries is None:
-                self._entries, self._broken = _discover(self._extra_plugins)
+                self._entries, self._broken, self._hook = _discover(self._extra_plugins)
+
+    @property
+    def hook(self) -> pluggy.HookRelay:
+        """The hooks of every loaded plugin, for hooks other than backend registration.
+
+        For example ``registry.hook.tokenring_timeline`` (see `tokenring.hookspecs`).
+        """
+        self._ensure_loaded()
+        return self._hook
 
     # -- selection -------------------------------------------------------------
 
@@ -184,7 +193,9 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{suffix}"
 
 
-def _discover(extra_plugins: list[tuple[Any, str]]) -> tuple[dict[str, BackendEntry], list[BackendEntry]]:
+def _discover(
+    extra_plugins: list[tuple[Any, str]],
+) -> tuple[dict[str, BackendEntry], list[BackendEntry], pluggy.HookRelay]:
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     entries: dict[str, BackendEntry] = {}
@@ -221,7 +232,7 @@ def _discover(extra_plugins: list[tuple[Any, str]]) -> tuple[dict[str, BackendEn
             broken.append(
                 BackendEntry(impl.plugin_name.split("@")[0], distribution, error=f"registration raised {_short_error(exc)}")
             )
-    return entries, broken
+    return entries, broken, manager.hook
 
 
 def _make_register(

@@ -1,0 +1,134 @@
+"""What each rank did, step by step: posts, block computes, waits, merges.
+
+The executor records a `Timeline` per pass (forward or backward) of each call
+only when someone listens: a plugin implementing the
+``tokenring_timeline`` hook (see `tokenring.hookspecs`), or code inside a
+`collect` block. Whether anyone listens is checked once per pass; with no
+listener the executor records nothing and does no per-event work.
+
+Times are seconds on the host's monotonic clock (``time.monotonic``), which
+on Linux is one clock for every process of the machine, so the timelines of
+all ranks of a local run line up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+# Event kinds.
+POST = "post"        # the step's sends and receives handed to the Comm (they run from here on)
+COMPUTE = "compute"  # one block kernel call
+WAIT = "wait"        # blocked until the step's messages completed
+MERGE = "merge"      # folding results into accumulators (partials that arrived, or local blocks)
+
+clock = time.monotonic
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str
+    step: int
+    start_s: float
+    end_s: float
+    detail: dict[str, Any] = field(default_factory=dict)  # e.g. {"bytes_out": 4096, "peers": [1, 3]}
+
+    @property
+    def seconds(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """One rank's events for one pass of one call."""
+
+    rank: int
+    world_size: int
+    algorithm: str
+    backward: bool
+    events: tuple[Event, ...]
+
+    @property
+    def start_s(self) -> float:
+        return min((e.start_s for e in self.events), default=0.0)
+
+    @property
+    def end_s(self) -> float:
+        return max((e.end_s for e in self.events), default=0.0)
+
+    def total(self, kind: str) -> float:
+        return sum(e.seconds for e in self.events if e.kind == kind)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Timeline":
+        events = tuple(Event(**e) for e in data["events"])
+        return cls(data["rank"], data["world_size"], data["algorithm"], data["backward"], events)
+
+
+class Recorder:
+    """Collects one pass's events; `finish` hands the timeline to every listener."""
+
+    def __init__(self, rank: int, world_size: int, algorithm: str, backward: bool, listeners) -> None:
+        self.rank, self.world_size, self.algorithm, self.backward = rank, world_size, algorithm, backward
+        self.events: list[Event] = []
+        self._listeners = listeners
+
+    def add(self, kind: str, step: int, start_s: float, **detail: Any) -> None:
+        self.events.append(Event(kind, step, start_s, clock(), detail))
+
+    def finish(self) -> Timeline:
+        timeline = Timeline(self.rank, self.world_size, self.algorithm, self.backward, tuple(self.events))
+        for listener in self._listeners:
+            listener(timeline)
+        return timeline
+
+
+_collectors: list[list[Timeline]] = []
+
+
+@contextlib.contextmanager
+def collect() -> Iterator[list[Timeline]]:
+    """Gather, into the yielded list, the timelines of this process's passes during the block."""
+    gathered: list[Timeline] = []
+    _collectors.append(gathered)
+    try:
+        yield gathered
+    finally:
+        _collectors.remove(gathered)
+
+
+def _plugin_hook():
+    from .registry import registry
+
+    hook = registry.hook.tokenring_timeline
+    return hook if hook.get_hookimpls() else None
+
+
+def recorder(rank: int, world_size: int, algorithm: str, backward: bool) -> Recorder | None:
+    """A recorder for one pass, or None when nobody listens (then record nothing)."""
+    listeners: list[Callable[[Timeline], None]] = [c.append for c in _collectors]
+    hook = _plugin_hook()
+    if hook is not None:
+        listeners.append(lambda timeline: hook(timeline=timeline))
+    if not listeners:
+        return None
+    return Recorder(rank, world_size, algorithm, backward, listeners)
+
+
+# -- reading timelines -------------------------------------------------------------
+
+
+def step_summary(timeline: Timeline) -> list[dict[str, float]]:
+    """Per step: seconds computing, waiting and merging, and the step's wall time."""
+    steps: dict[int, dict[str, float]] = {}
+    for e in timeline.events:
+        row = steps.setdefault(e.step, {"step": e.step, "start_s": e.start_s, "end_s": e.end_s})
+        row[e.kind] = row.get(e.kind, 0.0) + e.seconds
+        row["start_s"] = min(row["start_s"], e.start_s)
+        row["end_s"] = max(row["end_s"], e.end_s)
+    return [steps[k] for k in sorted(steps)]
