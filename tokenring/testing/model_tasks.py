@@ -165,3 +165,131 @@ def prefill(rank: int, world_size: int, config: TinyLlamaConfig, seed: int, seq_
         "seconds": seconds,
         "next_logits": to_bytes(next_logits) if next_logits is not None else None,
     }
+
+
+# tokenring.nn.TokenRingAttention against plain float64 attention ----------------
+
+@dataclass(frozen=True)
+class AttentionModuleCase:
+    """One TokenRingAttention layer on random hidden states, rebuilt from the seed on every process."""
+
+    seed: int
+    batch: int = 2
+    seq_len: int = 24
+    hidden_size: int = 32
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    causal: bool = True
+    layout: str | None = None            # None: the default for ``causal``
+    rope_base: float | None = 10000.0
+    per_sample_positions: bool = False   # pass position_ids (B, S_local) instead of leaving them to the module
+
+    @property
+    def resolved_layout(self) -> str:
+        return tokenring.layout.default_layout(self.causal) if self.layout is None else self.layout
+
+    def module(self) -> "torch.nn.Module":
+        from tokenring.nn import TokenRingAttention
+
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+        try:
+            return TokenRingAttention(self.hidden_size, self.num_heads, causal=self.causal,
+                                      num_kv_heads=self.num_kv_heads, rope_base=self.rope_base, layout=self.layout)
+        finally:
+            torch.random.set_rng_state(generator_state)
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-sequence hidden states and the gradient of the output, (B, S, hidden) each."""
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        shape = (self.batch, self.seq_len, self.hidden_size)
+        return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+
+
+def _complex_rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary embedding written as complex multiplication: (x_i + i·x_{i+D/2})·e^{i·pos·base^(-2i/D)}."""
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half], x[..., half:])
+    frequencies = base ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
+    turn = torch.polar(torch.ones((), dtype=torch.float64), positions.double()[:, None] * frequencies)[None, :, None, :]
+    rotated = z * turn
+    return torch.cat((rotated.real, rotated.imag), dim=-1)
+
+
+def reference_attention_module(case: AttentionModuleCase) -> dict[str, torch.Tensor]:
+    """The layer on the full sequence in float64: out, d(hidden) and the weights' gradients."""
+    module = case.module()
+    weights = {name: p.detach().double().requires_grad_() for name, p in module.named_parameters()}
+    hidden, dout = (t.double() for t in case.inputs())
+    hidden.requires_grad_()
+    batch, seq, _ = hidden.shape
+    head_dim = case.hidden_size // case.num_heads
+
+    def project(name: str, heads: int) -> torch.Tensor:
+        return F.linear(hidden, weights[f"{name}.weight"]).view(batch, seq, heads, head_dim)
+
+    q, k, v = project("q_proj", case.num_heads), project("k_proj", case.num_kv_heads), project("v_proj", case.num_kv_heads)
+    if case.rope_base is not None:
+        positions = torch.arange(seq)
+        q, k = _complex_rotary(q, positions, case.rope_base), _complex_rotary(k, positions, case.rope_base)
+    attended, _ = tokenring.reference_attention(q, k, v, causal=case.causal)
+    out = F.linear(attended.reshape(batch, seq, -1), weights["o_proj.weight"])
+    out.backward(dout)
+    return {"out": out.detach(), "dhidden": hidden.grad, **{name: w.grad for name, w in weights.items()}}
+
+
+def attention_module(rank: int, world_size: int, case: AttentionModuleCase) -> dict[str, bytes]:
+    """The layer on this rank's shard, forward and backward; out and d(hidden) shards, summed weight gradients."""
+    module = case.module()
+    layout = case.resolved_layout
+    hidden, dout = (tokenring.shard(t, rank, world_size, layout=layout) for t in case.inputs())
+    hidden.requires_grad_()
+    position_ids = None
+    if case.per_sample_positions:
+        mine = sequence.local_positions(case.seq_len, rank=rank, world_size=world_size, layout=layout)
+        position_ids = mine.expand(case.batch, -1)
+    out = module(hidden, position_ids)
+    out.backward(dout)
+    sequence.all_reduce_gradients(module.parameters())
+    return {"out": to_bytes(out), "dhidden": to_bytes(hidden.grad),
+            **{name: to_bytes(p.grad) for name, p in module.named_parameters()}}
+
+
+# tokenring.sequence across ranks -----------------------------------------------
+
+def _random_logits_and_labels(seed: int, batch: int, seq_len: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, seq_len, vocab, generator=generator, dtype=torch.float64)
+    labels = torch.randint(vocab, (batch, seq_len), generator=generator)
+    labels[torch.rand(batch, seq_len, generator=generator) < 0.25] = sequence.IGNORE_INDEX  # some unlabelled tokens
+    return logits, labels
+
+
+def sharded_loss(rank: int, world_size: int, seed: int, layout: str) -> dict:
+    """causal_lm_loss on this rank's shard of random logits; the loss and this shard's logit gradient."""
+    logits, labels = _random_logits_and_labels(seed, 2, 4 * world_size, 11)
+    batch = sequence.shard_batch({"input_ids": labels.clamp(min=0), "labels": labels}, layout=layout)
+    mine = tokenring.shard(logits, rank, world_size, layout=layout).requires_grad_()
+    loss = sequence.causal_lm_loss(mine, batch["shift_labels"])
+    loss.backward()
+    return {"loss": loss.item(), "dlogits": to_bytes(mine.grad)}
+
+
+def gathered_sequence(rank: int, world_size: int, seed: int, layout: str) -> dict:
+    """gather_sequence of this rank's shard, and the shard's gradient of <gathered, weights>."""
+    generator = torch.Generator().manual_seed(seed)
+    full, weights = torch.randn(2, 2 * world_size, 3, generator=generator), torch.randn(2, 2 * world_size, 3, generator=generator)
+    mine = tokenring.shard(full, rank, world_size, layout=layout).requires_grad_()
+    gathered = sequence.gather_sequence(mine, layout=layout)
+    (gathered * weights).sum().backward()
+    return {"gathered": to_bytes(gathered), "grad": to_bytes(mine.grad)}
+
+
+def summed_gradients(rank: int, world_size: int, missing_on_rank: int | None = None) -> list[bytes]:
+    """all_reduce_gradients of gradients rank + 1 (float32) and 10·(rank + 1) (float64)."""
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))]
+    params[0].grad = torch.full((3,), rank + 1.0)
+    if rank != missing_on_rank:
+        params[1].grad = torch.full((2, 2), 10.0 * (rank + 1), dtype=torch.float64)
+    sequence.all_reduce_gradients(params)
+    return [to_bytes(p.grad) for p in params]
