@@ -1,0 +1,164 @@
+"""Block attention through torch's CUDA efficient-attention operators (no flash-attn needed).
+
+``aten::_scaled_dot_product_efficient_attention`` returns the logsumexp we
+merge by, and ``..._backward`` takes a final lse, so one block's forward and
+backward need nothing but torch. Where the operator differs from the kernel
+contract, this adapter bridges:
+
+* layout: it wants (B, H, S, D); we hand it transposed views of our
+  (B, S, H, D) tensors, which is the memory layout it computes in anyway;
+* lse: (B, H, ceil(Sq / 32) * 32) padded with +inf; we slice it to Sq, and
+  pad ours back the same way for the backward, which reads the padding;
+* mask: its ``is_causal`` is top-left aligned, the contract bottom-right.
+  They agree on square blocks (all the schedules use). For Sq > Sk the
+  first Sq - Sk query rows see nothing (out 0, lse -inf, no kernel work)
+  and the rest form a square block; for Sq < Sk an explicit additive bias
+  carries the bottom-right mask (its rows all see at least one key, so the
+  operator never meets an empty row, whose result it leaves undefined);
+* grouped heads: it wants equal head counts. Without a mask the query heads
+  of a group are folded into the sequence dimension so that K and V are not
+  copied; with a mask K and V are repeated per query head and dk/dv summed
+  back over each group in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from tokenring.interfaces import AttentionKernel, Mask, accumulation_dtype
+
+from ._blocks import lse_for_backward, no_gradients, nothing_seen, unit_stride
+
+LSE_PAD = 32         # the operator's lse padding
+BIAS_ALIGNMENT = 16  # elements: the bias row stride the operator accepts for every dtype
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+def bottom_right_bias(q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(Sq, Sk) additive mask: query i sees key j when j <= i + Sk - Sq; rows padded for alignment."""
+    storage = torch.zeros(q_len, _round_up(k_len, BIAS_ALIGNMENT), dtype=dtype, device=device)
+    i = torch.arange(q_len, device=device).unsqueeze(1)
+    j = torch.arange(storage.shape[1], device=device).unsqueeze(0)
+    storage.masked_fill_(j > i + (k_len - q_len), float("-inf"))
+    return storage[:, :k_len]
+
+
+class _Block:
+    """How one block maps onto the operator: which rows run, head grouping, mask."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, mask: Mask) -> None:
+        self.batch, self.q_len, self.q_heads, self.head_dim = q.shape
+        self.k_len, self.kv_heads = k.shape[1], k.shape[2]
+        self.group = self.q_heads // self.kv_heads
+        causal = Mask(mask) is Mask.CAUSAL
+        # Bottom-right alignment: the first Sq - Sk rows see no key at all.
+        self.first_row = max(self.q_len - self.k_len, 0) if causal else 0
+        self.rows = self.q_len - self.first_row
+        self.is_causal = causal and self.rows == self.k_len  # square: top-left is bottom-right
+        self.needs_bias = causal and self.rows < self.k_len
+        self.folded = self.group > 1 and not causal
+        self.op_heads = self.kv_heads if self.folded else self.q_heads
+        self.op_rows = self.rows * self.group if self.folded else self.rows
+
+    def bias(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        if not self.needs_bias:
+            return None
+        mask = bottom_right_bias(self.rows, self.k_len, dtype, device)
+        return mask.expand(self.batch, self.op_heads, self.rows, self.k_len)
+
+    def rows_in(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Sq, Hq, D) -> the operator's (B, H, S, D) view of the rows that run."""
+        x = unit_stride(x[:, self.first_row :] if self.first_row else x)
+        if not self.folded:
+            return x.transpose(1, 2)
+        x = x.reshape(self.batch, self.rows, self.kv_heads, self.group, -1).permute(0, 2, 3, 1, 4)
+        return x.reshape(self.batch, self.kv_heads, self.op_rows, -1)
+
+    def rows_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The operator's rows back to (B, rows, Hq, D)."""
+        if not self.folded:
+            return x.transpose(1, 2)
+        x = x.reshape(self.batch, self.kv_heads, self.group, self.rows, -1).permute(0, 3, 1, 2, 4)
+        return x.reshape(self.batch, self.rows, self.q_heads, -1)
+
+    def lse_out(self, lse: torch.Tensor) -> torch.Tensor:
+        """The operator's padded lse -> (B, Hq, rows)."""
+        return lse[..., : self.op_rows].reshape(self.batch, self.q_heads, self.rows)
+
+    def lse_in(self, lse: torch.Tensor) -> torch.Tensor:
+        """Our (B, Hq, Sq) final lse -> the operator's (B, H, padded rows), +inf in the padding."""
+        rows = lse_for_backward(lse[..., self.first_row :]).reshape(self.batch, self.op_heads, self.op_rows)
+        padded = torch.full(
+            (self.batch, self.op_heads, _round_up(self.op_rows, LSE_PAD)), math.inf, dtype=torch.float32, device=lse.device
+        )
+        padded[..., : self.op_rows] = rows
+        return padded
+
+    def keys_in(self, x: torch.Tensor) -> torch.Tensor:
+        x = unit_stride(x)
+        if self.group > 1 and not self.folded:
+            x = x.repeat_interleave(self.group, dim=2)
+        return x.transpose(1, 2)
+
+    def key_grads_out(self, dx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        dx = dx.transpose(1, 2)  # (B, Sk, H, D)
+        if self.group > 1 and not self.folded:
+            dx = dx.reshape(self.batch, self.k_len, self.kv_heads, self.group, -1).sum(3, dtype=accumulation_dtype(dtype))
+        return dx.to(dtype)
+
+    def all_rows(self, part: torch.Tensor, fill: float, seq_dim: int) -> torch.Tensor:
+        """``part`` (the rows that ran) placed into a full-height tensor filled with ``fill``."""
+        if not self.first_row:
+            return part
+        shape = list(part.shape)
+        shape[seq_dim] = self.q_len
+        whole = torch.full(shape, fill, dtype=part.dtype, device=part.device)
+        whole.narrow(seq_dim, self.first_row, self.rows).copy_(part)
+        return whole
+
+
+def _no_rng_state() -> torch.Tensor:
+    # Dropout is 0: the backward never reads the philox seed/offset, but wants tensors.
+    return torch.empty((), dtype=torch.int64)
+
+
+class SdpaEfficientKernel(AttentionKernel):
+    """fp32/fp16/bf16 blocks through torch's CUDA memory-efficient attention.
+
+    ``forward_op``/``backward_op`` default to the aten operators; tests pass
+    stand-ins with the same signatures (`tokenring_cuda.specification`).
+    """
+
+    def __init__(self, forward_op: Callable | None = None, backward_op: Callable | None = None) -> None:
+        self._forward_op = forward_op or torch.ops.aten._scaled_dot_product_efficient_attention
+        self._backward_op = backward_op or torch.ops.aten._scaled_dot_product_efficient_attention_backward
+
+    def forward(self, q, k, v, *, scale, mask):
+        block = _Block(q, k, mask)
+        if block.rows == 0 or block.k_len == 0:
+            return nothing_seen(q, v)
+        out, lse, _, _ = self._forward_op(
+            block.rows_in(q), block.keys_in(k), block.keys_in(v), block.bias(q.dtype, q.device),
+            True, 0.0, block.is_causal, scale=scale,
+        )
+        out = block.all_rows(block.rows_out(out), 0.0, seq_dim=1)
+        lse = block.all_rows(block.lse_out(lse).to(accumulation_dtype(q.dtype)), -math.inf, seq_dim=2)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, *, scale, mask):
+        block = _Block(q, k, mask)
+        if block.rows == 0 or block.k_len == 0:
+            return no_gradients(q, k, v)
+        dq, dk, dv, _ = self._backward_op(
+            block.rows_in(dout), block.rows_in(q), block.keys_in(k), block.keys_in(v),
+            block.bias(q.dtype, q.device), block.rows_in(out), block.lse_in(lse),
+            _no_rng_state(), _no_rng_state(), 0.0, [True, True, True, False], block.is_causal, scale=scale,
+        )
+        dq = block.all_rows(block.rows_out(dq), 0.0, seq_dim=1)
+        return dq, block.key_grads_out(dk, k.dtype), block.key_grads_out(dv, v.dtype)
