@@ -260,6 +260,7 @@ def _comm_alone(case: Case, q, k, v, dout, timeout_s: float) -> dict:
     """Median seconds the forward and the backward plan take with a kernel that computes nothing."""
     import torch.distributed as dist
 
+    from . import timeline
     from .executor import Executor
     from .plan import build_plan
     from .registry import registry
@@ -270,16 +271,25 @@ def _comm_alone(case: Case, q, k, v, dout, timeout_s: float) -> dict:
     plan = build_plan(case.impl, layout, case.causal, n)
     backward_plan = build_plan(case.impl, layout, case.causal, n, backward=True)
     fwd, bwd = [], []
-    for _ in range(max(case.repeats, 1)):
-        dist.barrier()
-        started = time.perf_counter()
-        out, lse = executor.forward(plan, q, k, v, scale=case.scale, timeout_s=timeout_s)
-        fwd.append(time.perf_counter() - started)
-        dist.barrier()
-        started = time.perf_counter()
-        executor.backward(backward_plan, q, k, v, out, lse, dout, scale=case.scale, timeout_s=timeout_s)
-        bwd.append(time.perf_counter() - started)
+    with timeline.quiet():  # not the user's calls: keep them out of traces
+        for _ in range(max(case.repeats, 1)):
+            fwd_s, bwd_s = _comm_alone_once(executor, plan, backward_plan, case, q, k, v, dout, timeout_s)
+            fwd.append(fwd_s)
+            bwd.append(bwd_s)
     return {"comm_alone_fwd_s": _median(fwd), "comm_alone_bwd_s": _median(bwd)}
+
+
+def _comm_alone_once(executor, plan, backward_plan, case, q, k, v, dout, timeout_s) -> tuple[float, float]:
+    import torch.distributed as dist
+
+    dist.barrier()
+    started = time.perf_counter()
+    out, lse = executor.forward(plan, q, k, v, scale=case.scale, timeout_s=timeout_s)
+    fwd_s = time.perf_counter() - started
+    dist.barrier()
+    started = time.perf_counter()
+    executor.backward(backward_plan, q, k, v, out, lse, dout, scale=case.scale, timeout_s=timeout_s)
+    return fwd_s, time.perf_counter() - started
 
 
 # -- in the calling process ------------------------------------------------------------
@@ -406,6 +416,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds any wait may take before it fails, naming rank and step (default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    parser.add_argument("--trace", metavar="DIR",
+                        help="record every engine call's timeline under DIR (needs the tokenring-trace plugin; "
+                             "timings then include tracing); render with `tokenring-trace DIR`")
     parser.add_argument("--chart", metavar="PATH", default="tokenring-bench.png",
                         help="PNG chart path, '' for none (default: %(default)s; needs matplotlib)")
 
@@ -513,6 +526,8 @@ def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
     progress = _Progress(len(args.seq_len) * (len(rates) * len(ranked) + 2))
     progress.show(f"starting {n} ranks x {threads} threads")
     env = {"TOKENRING_TIMEOUT_S": str(args.timeout), "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    if args.trace:
+        env["TOKENRING_TRACE_DIR"] = os.path.abspath(args.trace)
     rows: list[dict] = []
     # Each wait inside a call is bounded by --timeout and names its rank and step; this outer
     # bound only catches a world that stopped answering altogether.

@@ -102,6 +102,20 @@ def collect() -> Iterator[list[Timeline]]:
         _collectors.remove(gathered)
 
 
+_quiet = 0
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Record nothing during the block, even with listeners (e.g. calibration runs that are not the user's calls)."""
+    global _quiet
+    _quiet += 1
+    try:
+        yield
+    finally:
+        _quiet -= 1
+
+
 def _plugin_hook():
     from .registry import registry
 
@@ -111,6 +125,8 @@ def _plugin_hook():
 
 def recorder(rank: int, world_size: int, algorithm: str, backward: bool) -> Recorder | None:
     """A recorder for one pass, or None when nobody listens (then record nothing)."""
+    if _quiet:
+        return None
     listeners: list[Callable[[Timeline], None]] = [c.append for c in _collectors]
     hook = _plugin_hook()
     if hook is not None:
