@@ -1,0 +1,142 @@
+"""TokenRing as a Hugging Face transformers attention implementation.
+
+    import tokenring_transformers
+    tokenring_transformers.register()          # once per process, before building the model
+    model = LlamaForCausalLM(config)           # config.attn_implementation = "tokenring"
+
+Then every rank calls the model on its own shard of the sequence, with the
+true position ids of its tokens (`tokenring.sequence.shard_batch` gives both),
+and the model's attention layers run `tokenring.token_ring_attn` across the
+ranks. Everything else in the model is per token and runs unchanged.
+
+Registration goes through transformers' public ``AttentionInterface.register``.
+TokenRing has no entry in transformers' mask registry, so the models build no
+attention mask for it: attention is causal over the whole sequence (or full,
+for a module whose ``is_causal`` is False), and padding masks are not
+supported: pack sequences to full length instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+import tokenring
+from tokenring.layout import default_layout, parse_layout
+from tokenring.sequence import local_positions, rank_and_world_size
+
+__all__ = ["DEFAULT_NAME", "TESTED_TRANSFORMERS_VERSIONS", "make_attention_function", "register"]
+__version__ = "0.1.0"
+
+DEFAULT_NAME = "tokenring"
+TESTED_TRANSFORMERS_VERSIONS = ("5.23.0",)
+
+
+def make_attention_function(
+    *,
+    group: Any = None,
+    layout: str | None = None,
+    algorithm: str = "tokenring",
+    backend: str | None = None,
+    check_inputs: bool = True,
+) -> Callable[..., tuple[torch.Tensor, None]]:
+    """An attention function with the signature transformers calls, running `tokenring.token_ring_attn`.
+
+    ``layout`` (default: zigzag for causal modules, contiguous otherwise) must
+    be the layout the inputs were sharded with. With ``check_inputs`` (the
+    default) every call first checks, on every rank, that no mask, dropout or
+    KV cache is in use and that ``position_ids`` are this rank's true
+    positions under ``layout``, and all ranks raise together if any rank
+    fails; this costs one small all-reduce per layer call.
+    """
+    if layout is not None:
+        layout = parse_layout(layout).value
+
+    def tokenring_attention_forward(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        is_causal: bool | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        # transformers hands over (B, H, S, D) and expects (B, S, H, D) back.
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        used_layout = layout or default_layout(bool(causal))
+        if check_inputs:
+            problem = _problem(query, key, attention_mask, dropout, kwargs.get("position_ids"), used_layout, group)
+            _raise_on_every_rank(problem, query.device, group)
+        out = tokenring.token_ring_attn(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+            causal=bool(causal), softmax_scale=scaling, group=group, layout=used_layout,
+            algorithm=algorithm, backend=backend,
+        )
+        return out, None
+
+    return tokenring_attention_forward
+
+
+def _problem(query, key, attention_mask, dropout, position_ids, layout, group) -> str | None:
+    rank, world_size = rank_and_world_size(group)
+    if attention_mask is not None:
+        return (
+            f"rank {rank}: argument 'attention_mask': TokenRing attends to the whole sequence and takes no mask "
+            f"(got a tensor of shape {tuple(attention_mask.shape)}); pack sequences to full length instead of padding"
+        )
+    if dropout:
+        return f"rank {rank}: attention dropout {dropout} is not supported; set config.attention_dropout = 0.0"
+    if key.shape[2] != query.shape[2]:
+        return (
+            f"rank {rank}: keys ({key.shape[2]}) outnumber queries ({query.shape[2]}): a KV cache is in use; "
+            f"call the model with use_cache=False"
+        )
+    if position_ids is not None:
+        seq_local = query.shape[2]
+        expected = local_positions(seq_local * world_size, rank=rank, world_size=world_size, layout=layout,
+                                   device=position_ids.device)
+        if position_ids.shape[-1] != seq_local or not bool((position_ids == expected).all()):
+            return (
+                f"rank {rank}: argument 'position_ids': expected this rank's true positions under layout {layout!r} "
+                f"over {world_size} ranks, {_runs(expected)}, got {_runs(position_ids.reshape(-1, position_ids.shape[-1])[0])}; "
+                f"pass tokenring.sequence.shard_batch(...)['position_ids']"
+            )
+    return None
+
+
+def _runs(positions: torch.Tensor) -> str:
+    """Positions as runs, e.g. '0…3, 12…15', so a message stays short for long sequences."""
+    values = positions.tolist()
+    runs, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            runs.append(f"{values[start]}…{values[i - 1]}" if i - 1 > start else f"{values[start]}")
+            start = i
+    return ", ".join(runs[:4]) + (", …" if len(runs) > 4 else "")
+
+
+def _raise_on_every_rank(problem: str | None, device: torch.device, group: Any) -> None:
+    failed = torch.tensor([problem is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(failed, group=group)
+    if failed.item():
+        _, world_size = rank_and_world_size(group)
+        problems: list[str | None] = [None] * world_size
+        dist.all_gather_object(problems, problem, group=group)
+        raise tokenring.InputError("; ".join(p for p in problems if p is not None))
+
+
+def register(name: str = DEFAULT_NAME, **settings: Any) -> str:
+    """Register TokenRing with transformers under ``name``; returns ``name``.
+
+    ``settings`` go to `make_attention_function` (group, layout, algorithm,
+    backend, check_inputs). Build the model with
+    ``attn_implementation=name`` (or call ``model.set_attn_implementation(name)``).
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, make_attention_function(**settings))
+    return name

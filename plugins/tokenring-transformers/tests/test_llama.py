@@ -1,0 +1,80 @@
+"""LlamaForCausalLM with attn_implementation="tokenring" matches the model's own attention, forward and backward."""
+
+import random
+
+import pytest
+import torch
+import transformers
+
+import tokenring
+from tokenring.launch import LocalWorld, WorkerError
+from tokenring.testing.problems import relative_error
+from tokenring.testing.tasks import from_bytes
+import tokenring_transformers
+from tokenring_transformers.testing import build_llama, llama_step, state_bytes, token_ids
+
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def worlds():
+    opened: dict[int, LocalWorld] = {}
+
+    def get(world_size: int) -> LocalWorld:
+        if world_size not in opened or opened[world_size].closed:
+            opened[world_size] = LocalWorld(world_size, threads_per_rank=1, env={"TOKENRING_TIMEOUT_S": "60", "TOKENRING_BACKEND": "cpu"})
+        return opened[world_size]
+
+    yield get
+    for world in opened.values():
+        world.close()
+
+
+@pytest.fixture
+def seed():
+    return random.randrange(2**31)
+
+
+def reference(seed: int, implementation: str, seq_len: int):
+    """One process, the whole sequence, the model's own attention: logits, loss and gradients."""
+    model = build_llama(seed, implementation)
+    ids = token_ids(seed, BATCH, seq_len)
+    out = model(input_ids=ids, labels=ids, use_cache=False)  # transformers shifts the labels itself here
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return model, out.logits.detach(), out.loss.item(), grads
+
+
+def test_the_pinned_transformers_version_is_the_tested_one():
+    assert transformers.__version__ in tokenring_transformers.TESTED_TRANSFORMERS_VERSIONS, transformers.__version__
+
+
+def test_registered_through_the_public_attention_interface():
+    name = tokenring_transformers.register("tokenring-test-name")
+    assert name in transformers.AttentionInterface()
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("world_size, layout", [(2, "zigzag"), (3, "zigzag"), (2, "contiguous")])
+def test_forward_and_backward_match_the_models_own_attention(worlds, seed, implementation, world_size, layout):
+    seq_len = 8 * world_size
+    model, want_logits, want_loss, want_grads = reference(seed, implementation, seq_len)
+    results = worlds(world_size).run_ok(
+        "tokenring_transformers.testing.llama_step", state_bytes(model), seed, BATCH, seq_len, layout, timeout_s=120
+    )
+    logits = tokenring.unshard([from_bytes(r["logits"]) for r in results], layout=layout)
+    assert relative_error(logits, want_logits) < 1e-5
+    assert all(abs(r["loss"] - want_loss) < 1e-5 for r in results), (seed, want_loss, [r["loss"] for r in results])
+    assert set(results[0]["grads"]) == set(want_grads)
+    errors = {n: relative_error(from_bytes(results[0]["grads"][n]), g) for n, g in want_grads.items()}
+    assert max(errors.values()) < 1e-4, (seed, errors)
+
+
+def test_missing_position_ids_raise_on_every_rank(worlds, seed):
+    model = build_llama(seed, "sdpa")
+    with pytest.raises(WorkerError) as caught:
+        worlds(2).run_ok("tokenring_transformers.testing.llama_step", state_bytes(model), seed, BATCH, 16,
+                         "zigzag", False, timeout_s=120)
+    for result in caught.value.results:
+        assert result.error_type == "tokenring.interfaces.InputError", result
+        assert "position_ids" in result.error and "0…3, 12…15" in result.error, result.error
