@@ -1,0 +1,96 @@
+"""tokenring bench: argument errors, the float64 reference, ranking that ignores wrong answers, one small run."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from tokenring import benchmark, cli, reference_attention
+from tokenring.testing.problems import relative_error
+
+
+def _case(**changes):
+    base = dict(impl="tokenring", seed=5, batch=1, seq_len=48, heads=4, kv_heads=2, head_dim=8, dtype="float32",
+                causal=True, repeats=1, warmup=0)
+    base.update(changes)
+    return benchmark.Case(**base)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunked_reference_matches_autograd_of_plain_attention(causal):
+    case = _case(causal=causal)
+    got = benchmark.reference(case, rows=7)  # uneven row blocks on purpose
+    problem = case.problem()
+    q, k, v = (t.to(torch.float64).requires_grad_() for t in problem.inputs())
+    out, _ = reference_attention(q, k, v, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), problem.grad_output().to(torch.float64))
+    for name, want in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+        assert relative_error(got[name], want) < 1e-12, name
+
+
+def test_a_wrong_answer_is_never_the_best():
+    rows = [
+        {"impl": "tokenring", "seq_len": 64, "link_gbps": 1.0, "fwd_s": 2.0, "fwdbwd_s": 4.0, "passed": True},
+        {"impl": "ring", "seq_len": 64, "link_gbps": 1.0, "fwd_s": 1.0, "fwdbwd_s": 3.0, "passed": False},
+        {"impl": "torch-ring", "seq_len": 64, "link_gbps": 1.0, "fwd_s": 3.0, "fwdbwd_s": 2.0, "passed": True},
+    ]
+    benchmark._add_ratios(rows)
+    assert rows[0]["ratio_fwd"] == 1.0 and rows[2]["ratio_fwd"] == 1.5
+    assert rows[0]["ratio_fwdbwd"] == 2.0 and rows[2]["ratio_fwdbwd"] == 1.0
+    assert rows[1]["ratio_fwd"] is None
+    assert "WRONG" in benchmark._table_rows([dict(rows[1], network="x", parallel_efficiency=None, max_rel_err=1.0,
+                                                  peak_mem_bytes=None)])[1][-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--impl", "tokenring,flash"], "--impl"),
+    (["--world-size", "3", "--seq-len", "100"], "--seq-len"),
+    (["--heads", "6", "--kv-heads", "4"], "--heads"),
+])
+def test_bad_arguments_fail_before_starting_ranks(argv, message, capsys):
+    assert cli.main(["bench", *argv, "--chart", ""]) == 2
+    assert message in capsys.readouterr().err
+
+
+def _small_run(tmp_path, *extra):
+    out = tmp_path / "bench.json"
+    chart = tmp_path / "bench.png"
+    code = cli.main(["bench", "--world-size", "2", "--seq-len", "64", "--heads", "2", "--head-dim", "8",
+                     "--repeats", "1", "--warmup", "0", "--causal", "--json", str(out), "--chart", str(chart), *extra])
+    return code, json.loads(out.read_text()), chart
+
+
+def test_small_run_checks_every_implementation_and_writes_json_and_chart(tmp_path):
+    code, report, chart = _small_run(tmp_path)
+    assert code == 0
+    rows = report["results"]
+    assert [r["impl"] for r in rows] == ["sdpa", "tokenring", "ring", "torch-ring"]
+    for r in rows:
+        for key in ("impl", "network", "world_size", "seq_len", "fwd_s", "fwdbwd_s", "max_rel_err", "peak_mem_bytes"):
+            assert key in r
+        assert r["passed"] and r["max_rel_err"] < 1e-5 and r["fwd_s"] > 0 and r["fwdbwd_s"] > 0
+    for r in rows[1:3]:  # the engine's rows carry the overlap figures
+        assert 0.0 <= r["hidden_comm_fwd"] <= 1.0 and r["comm_alone_fwd_s"] > 0
+    if shutil.which("python") and _has_matplotlib():
+        assert chart.read_bytes()[:4] == b"\x89PNG"
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0 or not shutil.which("tc"), reason="needs root and iproute2")
+def test_small_run_over_an_emulated_full_mesh(tmp_path):
+    code, report, _ = _small_run(tmp_path, "--impl", "tokenring,ring", "--network", "fullmesh", "--link-gbps", "2")
+    assert code == 0 and report["network_fallback_reason"] is None
+    assert {(r["network"], r["link_gbps"]) for r in report["results"]} == {("fullmesh", 2.0)}
+    from tokenring import netem
+
+    assert not [n for n in netem.list_namespaces() if n.startswith(f"{netem.PREFIX}{os.getpid()}")]
