@@ -62,17 +62,26 @@ class WireMessage:
     parts: list[torch.Tensor]         # the caller's tensors, in batch order
 
 
+def _by_peer(operations: Sequence[Send] | Sequence[Recv]) -> dict[int, list[torch.Tensor]]:
+    """Each peer's tensors in batch order; peers in order of first appearance."""
+    by_peer: dict[int, list[torch.Tensor]] = {}
+    for op in operations:
+        by_peer.setdefault(op.peer, []).append(op.tensor)
+    return by_peer
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def coalesce_sends(sends: Sequence[Send]) -> list[WireMessage]:
     """One message per peer, in order of each peer's first send."""
-    by_peer: dict[int, list[torch.Tensor]] = {}
-    for send in sends:
-        by_peer.setdefault(send.peer, []).append(send.tensor)
     messages = []
-    for peer, tensors in by_peer.items():
+    for peer, tensors in _by_peer(sends).items():
         if len(tensors) == 1:
             messages.append(WireMessage(peer, _sendable(tensors[0]), tensors))
             continue
-        buffer = torch.empty(sum(t.numel() * t.element_size() for t in tensors), dtype=torch.uint8, device=tensors[0].device)
+        buffer = torch.empty(_nbytes(tensors), dtype=torch.uint8, device=tensors[0].device)
         offset = 0
         for t in tensors:
             nbytes = t.numel() * t.element_size()
@@ -84,16 +93,13 @@ def coalesce_sends(sends: Sequence[Send]) -> list[WireMessage]:
 
 def coalesce_recvs(recvs: Sequence[Recv]) -> list[WireMessage]:
     """One message per peer; receive straight into the caller's tensor where the rules allow."""
-    by_peer: dict[int, list[torch.Tensor]] = {}
-    for recv in recvs:
-        by_peer.setdefault(recv.peer, []).append(recv.tensor)
     messages = []
-    for peer, tensors in by_peer.items():
+    for peer, tensors in _by_peer(recvs).items():
         if len(tensors) == 1 and tensors[0].is_contiguous() and tensors[0].storage_offset() == 0:
             messages.append(WireMessage(peer, tensors[0], tensors))
-            continue
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        messages.append(WireMessage(peer, torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device), tensors))
+        else:
+            staging = torch.empty(_nbytes(tensors), dtype=torch.uint8, device=tensors[0].device)
+            messages.append(WireMessage(peer, staging, tensors))
     return messages
 
 
