@@ -72,13 +72,16 @@ class KernelChoice:
 
 Importer = Callable[[str], object]
 
+# Module-level so that tests can stand in for installed (or absent) flash-attn packages.
+vendor_import: Importer = importlib.import_module
+
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def load_flash2(import_module: Importer = importlib.import_module) -> KernelChoice:
+def load_flash2(import_module: Importer) -> KernelChoice:
     """flash-attn 2.5-2.8; raises (ImportError, ValueError, TypeError, ...) with the reason it cannot be used."""
     from .flash import FlashInterface, FlashKernel, convention_for_flash2
 
@@ -98,7 +101,7 @@ def load_flash2(import_module: Importer = importlib.import_module) -> KernelChoi
     return KernelChoice(interface.name, FLASH_CAPABILITIES, lambda: FlashKernel(interface))
 
 
-def load_flash3(import_module: Importer = importlib.import_module) -> KernelChoice:
+def load_flash3(import_module: Importer) -> KernelChoice:
     """FlashAttention-3 (the ``flash_attn_interface`` module built from hopper/)."""
     from .flash import FLASH_3, FLASH_3_CAUSAL_NAMED, FlashInterface, FlashKernel
 
@@ -143,13 +146,14 @@ def select_kernel(
     request: str | None = None,
     *,
     compute_capability: tuple[int, int] | None = None,
-    import_module: Importer = importlib.import_module,
+    import_module: Importer | None = None,
 ) -> KernelChoice:
     """Choose the kernel; never raises. ``compute_capability`` None means no device to ask."""
     request = requested_kernel() if request is None else request
+    importer = import_module or vendor_import
     loaders: dict[str, Callable[[], KernelChoice]] = {
-        "flash3": lambda: load_flash3(import_module),
-        "flash2": lambda: load_flash2(import_module),
+        "flash3": lambda: load_flash3(importer),
+        "flash2": lambda: load_flash2(importer),
         "sdpa": load_sdpa,
     }
     if request not in KERNEL_NAMES:

@@ -397,7 +397,8 @@ def flash_attn_modules(version: str) -> dict[str, types.ModuleType]:
         interface._flash_attn_forward = flash_3._flash_attn_forward
         interface._flash_attn_backward = flash_3._flash_attn_backward
         return {"flash_attn_interface": interface}
-    release = FLASH_RELEASES[".".join(version.split(".")[:2])]
+    # Releases before 2.5 get 2.5's functions: only their version string matters to a loader.
+    release = FLASH_RELEASES.get(".".join(version.split(".")[:2]), flash_2_5)
     package = types.ModuleType("flash_attn")
     package.__version__ = version
     package.__path__ = []  # a package, so that its submodule can be imported
