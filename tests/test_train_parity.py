@@ -1,5 +1,9 @@
 """Training a tiny Llama sequence-parallel gives the single-process losses and gradients at every step."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tokenring.testing import model_tasks
@@ -38,4 +42,16 @@ def test_a_batch_sharded_with_another_layout_than_the_attention_breaks_parity(wo
     """The check is sensitive: tokens at the wrong positions change the loss far beyond rounding."""
     run = TrainingRun(seed=seed, steps=1, layout="zigzag", batch_layout="contiguous")
     report = check_parity(worlds, run, 2)
-    assert report.max_loss_diff > 1e-3 and report.max_grad_diff > 1e-3, f"seed {seed}: {report}"
+    loss_tolerance, grad_tolerance = TOLERANCE["float32"]
+    # A random-init model's predictions are nearly uniform, so its loss moves little; its gradients do.
+    assert report.max_loss_diff > 5 * loss_tolerance and report.max_grad_diff > 1000 * grad_tolerance, (
+        f"seed {seed}: {report}")
+
+
+def test_the_example_script_exits_0_and_states_the_largest_differences():
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_parity.py"
+    done = subprocess.run([sys.executable, str(script), "--world-sizes", "2", "--steps", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("parity holds") and "largest |loss - single-process loss|" in last, last

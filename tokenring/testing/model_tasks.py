@@ -145,13 +145,17 @@ def prefill(rank: int, world_size: int, config: TinyLlamaConfig, seed: int, seq_
     """One no-grad forward pass over a long prompt, sharded; the next-token logits and this rank's peak memory.
 
     ``peak_mem_bytes`` is how far this rank's resident memory rose during the
-    pass, above the model and the rank's shard of the token ids.
+    pass, above the model, the rank's shard of the token ids and what a short
+    warm-up pass left behind.
     """
     model = sequence_parallel_copy(build_reference(config, seed), layout=layout)
     input_ids = random_batches(config, seed, 1, 1, seq_len)[0]
     batch = sequence.shard_batch({"input_ids": input_ids}, layout=layout)
     del input_ids
     owner, index = _last_token_owner(seq_len, world_size, layout)
+    with torch.no_grad():  # one short pass first, so one-time set-up (gloo, kernels) is not counted
+        warm_up = sequence.shard_batch({"input_ids": torch.zeros(1, 32 * world_size, dtype=torch.long)}, layout=layout)
+        model.hidden_states(warm_up["input_ids"], warm_up["position_ids"])
     torch.distributed.barrier()
     start = time.perf_counter()
     with torch.no_grad(), peak_memory() as peak:
