@@ -155,12 +155,12 @@ def test_flash_stand_ins_are_bottom_right_and_mark_empty_rows_plus_inf(release):
 # -- the SDPA efficient-attention adapter ----------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
 @pytest.mark.parametrize("mask", [Mask.NONE, Mask.CAUSAL], ids=lambda m: m.value)
 @pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=lambda s: f"Sq{s[0]}-Sk{s[1]}")
-def test_sdpa_adapter_meets_the_kernel_contract(shape, mask, heads, dtype):
-    q, k, v = inputs(*shape, *heads, dtype)
+def test_sdpa_adapter_meets_the_kernel_contract(shape, mask, heads):
+    # float32 here; every dtype runs in the shared suite (test_cuda_spec_conformance.py)
+    q, k, v = inputs(*shape, *heads, torch.float32)
     assert_forward_matches_reference(sdpa_kernel(), q, k, v, mask)
     assert_backward_matches_reference(sdpa_kernel(), q, k, v, mask)
 
@@ -192,7 +192,7 @@ def test_empty_blocks_give_out_zero_lse_minus_inf_without_a_kernel_call():
 
 
 @pytest.mark.parametrize("release", list(FLASH_RELEASES))
-@pytest.mark.parametrize("heads", [(4, 4), (6, 2)], ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
+@pytest.mark.parametrize("heads", [(6, 2)], ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
 @pytest.mark.parametrize("mask", [Mask.NONE, Mask.CAUSAL], ids=lambda m: m.value)
 @pytest.mark.parametrize("shape", [(16, 16), (8, 24), (24, 8)], ids=lambda s: f"Sq{s[0]}-Sk{s[1]}")
 def test_flash_adapter_forward_and_backward_meet_the_kernel_contract(release, shape, mask, heads):
