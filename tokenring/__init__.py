@@ -27,6 +27,7 @@ from .plan import Algorithm, Plan, ProblemShape, build_plan
 from .api import record_traffic, token_ring_attn
 from .reference import reference_attention
 from .registry import registry
+from . import nn, sequence  # noqa: E402  (drop-in module and batch helpers: tokenring.nn, tokenring.sequence)
 
 __version__ = "0.1.0"
 
@@ -53,9 +54,11 @@ __all__ = [
     "build_plan",
     "hookimpl",
     "hookspec",
+    "nn",
     "record_traffic",
     "reference_attention",
     "registry",
+    "sequence",
     "shard",
     "token_ring_attn",
     "unshard",
