@@ -117,7 +117,8 @@ def _grads(dout, q, k, v, out, lse, scale, allowed, bias=None):
 # -- torch: aten::_scaled_dot_product_efficient_attention ----------------------
 
 
-def _check_efficient_inputs(query, key, value):
+def _check_efficient_inputs(query, key, value, attn_bias, dropout_p):
+    _require(dropout_p == 0.0, "the specification covers dropout_p = 0 only")
     _require(query.dim() == key.dim() == value.dim() == 4, "query, key and value must be 4-D (B, H, S, D)")
     _require(query.dtype in EFFICIENT_DTYPES, f"efficient attention takes {EFFICIENT_DTYPES}, got {query.dtype}")
     _require(query.dtype == key.dtype == value.dtype, "query, key and value must share a dtype")
@@ -128,6 +129,8 @@ def _check_efficient_inputs(query, key, value):
     _require(key.shape[2] == value.shape[2], "key and value must have the same length")
     for name, x in (("query", query), ("key", key), ("value", value)):
         _require(x.stride(-1) == 1, f"{name} must have a contiguous last dimension")
+    if attn_bias is not None:
+        _check_bias(attn_bias, query.shape[0], query.shape[1], query.shape[2], key.shape[2], query.dtype)
 
 
 def _check_bias(bias, batch, heads, q_len, k_len, dtype):
@@ -154,12 +157,9 @@ def efficient_attention_forward(
     scale: Optional[float] = None,
 ):
     """``aten::_scaled_dot_product_efficient_attention`` -> (output, log_sumexp, philox_seed, philox_offset)."""
-    _check_efficient_inputs(query, key, value)
-    _require(dropout_p == 0.0, "the specification covers dropout_p = 0 only")
+    _check_efficient_inputs(query, key, value, attn_bias, dropout_p)
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[2]
-    if attn_bias is not None:
-        _check_bias(attn_bias, batch, heads, q_len, k_len, query.dtype)
     scale = head_dim ** -0.5 if scale is None else scale
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     s = _scores(q, k, scale, _allowed(q_len, k_len, is_causal, bottom_right=False), attn_bias)
@@ -193,8 +193,7 @@ def efficient_attention_backward(
     scale: Optional[float] = None,
 ):
     """``aten::_scaled_dot_product_efficient_attention_backward`` -> (grad_q, grad_k, grad_v, grad_bias)."""
-    _check_efficient_inputs(query, key, value)
-    _require(dropout_p == 0.0, "the specification covers dropout_p = 0 only")
+    _check_efficient_inputs(query, key, value, attn_bias, dropout_p)
     batch, heads, q_len, head_dim = query.shape
     k_len = key.shape[2]
     _require(logsumexp.dtype == torch.float32, f"logsumexp must be float32, got {logsumexp.dtype}")
@@ -208,8 +207,6 @@ def efficient_attention_backward(
         bool(torch.all(logsumexp[..., q_len:padded] == math.inf)),
         "logsumexp's padding past Sq must hold +inf, as the forward wrote it",
     )
-    if attn_bias is not None:
-        _check_bias(attn_bias, batch, heads, q_len, k_len, query.dtype)
     scale = head_dim ** -0.5 if scale is None else scale
     q, k, v, o, do = (x.transpose(1, 2) for x in (query, key, value, out, grad_out_))
     allowed = _allowed(q_len, k_len, is_causal, bottom_right=False)
