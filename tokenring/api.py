@@ -70,7 +70,7 @@ def _resolve_backend(backend: str | None, q: Any) -> Backend:
 def _open(backend: Backend, group: Any) -> Executor:
     try:
         return _executor(backend, group)
-    except BackendError:
+    except TokenRingError:  # already ours and readable: a missing backend, a comm that timed out starting
         raise
     except Exception as error:  # torch's own complaint about the group, made readable
         raise InputError(f"token_ring_attn: argument 'group': {error}") from error

@@ -148,6 +148,11 @@ class Handle(abc.ABC):
 
         Raise `CommTimeout` (naming the rank and step) when ``timeout_s``
         passes first, and the transport's own error when a peer fails.
+
+        A backend whose transport orders device streams (NCCL, HCCL) may
+        instead make the current stream wait for the batch, so that the host
+        never blocks inside the step loop, and leave timeouts to its
+        transport's watchdog; it must then document how a timeout surfaces.
         """
 
 
