@@ -24,7 +24,7 @@ import torch
 
 from tokenring.interfaces import AttentionKernel, Mask
 
-from ._blocks import lse_for_backward, no_gradients, nothing_seen, unit_stride
+from tokenring.blocks import lse_for_backward, no_gradients, nothing_seen, unit_stride
 
 # Placeholders for the tensors a call passes positionally, for signature checks.
 _TENSORS = ("q", "k", "v")
@@ -196,7 +196,7 @@ class FlashKernel(AttentionKernel):
         q, k, v, out, dout = (unit_stride(x) for x in (q, k, v, out, dout))
         dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
         keywords = convention.backward_keywords(scale, causal)
-        tensors = (dout, q, k, v, out, lse_for_backward(lse).contiguous())
+        tensors = (dout, q, k, v, out, lse_for_backward(lse.to(torch.float32)).contiguous())
         if convention.grads_positional:
             results = self.interface.backward(*tensors, dq, dk, dv, **keywords)
         else:

@@ -30,7 +30,7 @@ import torch
 
 from tokenring.interfaces import AttentionKernel, Mask, accumulation_dtype
 
-from ._blocks import lse_for_backward, no_gradients, nothing_seen, unit_stride
+from tokenring.blocks import HeadGroups, lse_for_backward, no_gradients, nothing_seen
 
 LSE_PAD = 32         # the operator's lse padding
 BIAS_ALIGNMENT = 16  # elements: the bias row stride the operator accepts for every dtype
@@ -49,22 +49,19 @@ def bottom_right_bias(q_len: int, k_len: int, dtype: torch.dtype, device: torch.
     return storage[:, :k_len]
 
 
-class _Block:
+class _Block(HeadGroups):
     """How one block maps onto the operator: which rows run, head grouping, mask."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, mask: Mask) -> None:
-        self.batch, self.q_len, self.q_heads, self.head_dim = q.shape
-        self.k_len, self.kv_heads = k.shape[1], k.shape[2]
-        self.group = self.q_heads // self.kv_heads
+        batch, q_len, q_heads, _ = q.shape
+        k_len = k.shape[1]
         causal = Mask(mask) is Mask.CAUSAL
         # Bottom-right alignment: the first Sq - Sk rows see no key at all.
-        self.first_row = max(self.q_len - self.k_len, 0) if causal else 0
-        self.rows = self.q_len - self.first_row
-        self.is_causal = causal and self.rows == self.k_len  # square: top-left is bottom-right
-        self.needs_bias = causal and self.rows < self.k_len
-        self.folded = self.group > 1 and not causal
-        self.op_heads = self.kv_heads if self.folded else self.q_heads
-        self.op_rows = self.rows * self.group if self.folded else self.rows
+        self.first_row = max(q_len - k_len, 0) if causal else 0
+        super().__init__(batch, q_len - self.first_row, q_heads, k.shape[2], k_len, fold=not causal)
+        self.q_len = q_len
+        self.is_causal = causal and self.rows == k_len  # square: top-left is bottom-right
+        self.needs_bias = causal and self.rows < k_len
 
     def bias(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         if not self.needs_bias:
@@ -74,43 +71,16 @@ class _Block:
 
     def rows_in(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Sq, Hq, D) -> the operator's (B, H, S, D) view of the rows that run."""
-        x = unit_stride(x[:, self.first_row :] if self.first_row else x)
-        if not self.folded:
-            return x.transpose(1, 2)
-        x = x.reshape(self.batch, self.rows, self.kv_heads, self.group, -1).permute(0, 2, 3, 1, 4)
-        return x.reshape(self.batch, self.kv_heads, self.op_rows, -1)
-
-    def rows_out(self, x: torch.Tensor) -> torch.Tensor:
-        """The operator's rows back to (B, rows, Hq, D)."""
-        if not self.folded:
-            return x.transpose(1, 2)
-        x = x.reshape(self.batch, self.kv_heads, self.group, self.rows, -1).permute(0, 3, 1, 2, 4)
-        return x.reshape(self.batch, self.rows, self.q_heads, -1)
-
-    def lse_out(self, lse: torch.Tensor) -> torch.Tensor:
-        """The operator's padded lse -> (B, Hq, rows)."""
-        return lse[..., : self.op_rows].reshape(self.batch, self.q_heads, self.rows)
+        return super().rows_in(x[:, self.first_row :] if self.first_row else x)
 
     def lse_in(self, lse: torch.Tensor) -> torch.Tensor:
         """Our (B, Hq, Sq) final lse -> the operator's (B, H, padded rows), +inf in the padding."""
-        rows = lse_for_backward(lse[..., self.first_row :]).reshape(self.batch, self.op_heads, self.op_rows)
+        rows = super().lse_in(lse_for_backward(lse[..., self.first_row :].to(torch.float32)))
         padded = torch.full(
             (self.batch, self.op_heads, _round_up(self.op_rows, LSE_PAD)), math.inf, dtype=torch.float32, device=lse.device
         )
         padded[..., : self.op_rows] = rows
         return padded
-
-    def keys_in(self, x: torch.Tensor) -> torch.Tensor:
-        x = unit_stride(x)
-        if self.group > 1 and not self.folded:
-            x = x.repeat_interleave(self.group, dim=2)
-        return x.transpose(1, 2)
-
-    def key_grads_out(self, dx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        dx = dx.transpose(1, 2)  # (B, Sk, H, D)
-        if self.group > 1 and not self.folded:
-            dx = dx.reshape(self.batch, self.k_len, self.kv_heads, self.group, -1).sum(3, dtype=accumulation_dtype(dtype))
-        return dx.to(dtype)
 
     def all_rows(self, part: torch.Tensor, fill: float, seq_dim: int) -> torch.Tensor:
         """``part`` (the rows that ran) placed into a full-height tensor filled with ``fill``."""
