@@ -111,8 +111,11 @@ class Network:
             for name in self.namespaces:
                 _ip("netns", "add", name)
                 # IPv6 off: every rank has exactly one address, the one gloo must use.
+                # No TCP slow start after idle: the links of an accelerator interconnect
+                # do not shrink their window between two steps' messages.
                 _ip("netns", "exec", name, "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6;"
-                    " echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6")
+                    " echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6;"
+                    " echo 0 > /proc/sys/net/ipv4/tcp_slow_start_after_idle")
                 _ip("-n", name, "link", "set", "lo", "up")
             if self.latency_us > 0:
                 self._netem = _has_netem(self.namespaces[0])
