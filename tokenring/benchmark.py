@@ -337,6 +337,15 @@ def single_process(case: Case, threads: int) -> dict:
     return {"outputs": outputs, "fwd_s": _median(fwd), "fwdbwd_s": _median(fwdbwd), "peak_mem_bytes": peak["bytes"]}
 
 
+def single_process_task(rank: int, world_size: int, case: Case, threads: int) -> dict:
+    """`single_process` in a fresh process of its own, so its memory rise is its own; tensors as bytes."""
+    from .testing.tasks import to_bytes
+
+    result = single_process(case, threads)
+    result["outputs"] = {name: to_bytes(t) for name, t in result["outputs"].items()}
+    return result
+
+
 def reference(case: Case, rows: int = 1024) -> dict:
     """out, dq, dk, dv of the full problem in float64, a block of query rows at a time (memory O(rows·S))."""
     import torch
@@ -518,6 +527,7 @@ def _open_network(args, n):
 
 def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
     from .launch import LocalWorld
+    from .testing.tasks import from_bytes
 
     base = Case(impl="tokenring", seed=args.seed, batch=args.batch, seq_len=args.seq_len[0], heads=args.heads,
                 kv_heads=kv_heads, head_dim=args.head_dim, dtype=args.dtype, causal=args.causal,
@@ -543,7 +553,12 @@ def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
                 want = reference(case)
                 progress.step(f"S={seq_len}: reference done")
                 # The single-process limit is always measured: every efficiency is relative to it.
-                limit = single_process(case, n * threads) if case.heads == case.kv_heads else None
+                limit = None
+                if case.heads == case.kv_heads:
+                    with LocalWorld(1, threads_per_rank=n * threads, env=env) as alone:
+                        (limit,) = alone.run_ok("tokenring.benchmark.single_process_task", case, n * threads,
+                                                timeout_s=task_timeout)
+                    limit["outputs"] = {name: from_bytes(blob) for name, blob in limit["outputs"].items()}
                 if "sdpa" in impls and limit is not None:
                     rows.append(_row(replace(case, impl="sdpa"), "single-process", None, n, threads, limit, want))
                 progress.step(f"S={seq_len}: single-process limit")
