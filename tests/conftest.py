@@ -7,6 +7,10 @@ import pytest
 
 pytest_plugins = ["tokenring.testing.plugin"]
 
+# These tests are about the CPU backend; another installed CPU backend (the
+# template plugin, say) must not make calls without backend= ambiguous.
+os.environ.setdefault("TOKENRING_BACKEND", "cpu")
+
 
 @pytest.fixture(scope="session")
 def tokenring_backend_name():

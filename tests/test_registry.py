@@ -46,6 +46,7 @@ def test_no_backend_for_a_device_type_is_explained():
 
 
 def test_two_backends_for_one_device_type_is_an_error_naming_both(monkeypatch):
+    monkeypatch.delenv("TOKENRING_BACKEND", raising=False)
     from tokenring_cpu import CpuBackend
 
     class SecondCpu(CpuBackend):
