@@ -60,6 +60,7 @@ class Capabilities:
     causal: bool = False
     backward: bool = False
     max_world_size: int | None = None
+    max_q_heads: int | None = None  # most query heads one kernel call takes (None: no limit)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +70,7 @@ class Capabilities:
             "causal": self.causal,
             "backward": self.backward,
             "max_world_size": self.max_world_size,
+            "max_q_heads": self.max_q_heads,
         }
 
 

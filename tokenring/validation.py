@@ -104,6 +104,8 @@ def _capability_problem(q: torch.Tensor, k: torch.Tensor, causal: bool, backend:
         return f"argument 'q': backend {backend.name!r} supports dtypes {supported}, got {q.dtype}"
     if caps.head_dims is not None and q.shape[3] not in caps.head_dims:
         return f"argument 'q': backend {backend.name!r} supports head dims {list(caps.head_dims)}, got {q.shape[3]}"
+    if caps.max_q_heads is not None and q.shape[2] > caps.max_q_heads:
+        return f"argument 'q': backend {backend.name!r} supports at most {caps.max_q_heads} query heads, got {q.shape[2]}"
     if q.shape[2] != k.shape[2] and not caps.gqa:
         return f"argument 'k': backend {backend.name!r} needs as many K/V heads as query heads (no GQA), got {k.shape[2]}"
     if causal and not caps.causal:

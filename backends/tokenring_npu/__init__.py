@@ -42,6 +42,7 @@ class NpuBackend(Backend):
         causal=True,
         backward=True,
         max_world_size=None,
+        max_q_heads=256,   # npu_fusion_attention's documented head_num limit
     )
 
     def probe(self) -> Probe:
