@@ -23,7 +23,9 @@ Fixtures (the names are API, see CHANGELOG.md):
     unregistered backend object (a kernel bound to a specification, say).
 ``tokenring_worlds``
     A session-wide pool of local worlds, one per world size, whose ranks run
-    the backend by name; a world a test broke is restarted on next use.
+    the backend by name (with ``TOKENRING_BACKEND`` set to it, so that it is
+    also the one chosen by device type); a world a test broke is restarted on
+    next use.
 ``tokenring_seed``
     A fresh random seed per test, printed with every failure.
 """
