@@ -97,9 +97,9 @@ def ordered_messages(rank: int, world_size: int, backend_name: str, seed: int, t
 
 def wait_for_absent_peer(rank: int, world_size: int, backend_name: str, absent_rank: int, timeout_s: float) -> dict:
     """Rank 0 waits for a message from ``absent_rank``, which never sends; it must raise, not hang."""
+    comm = _comm(backend_name)  # on every rank: building a Comm may be collective
     if rank != 0:
         return {"role": "absent" if rank == absent_rank else "bystander"}
-    comm = _comm(backend_name)
     incoming = torch.empty(8, device=comm.device)
     started = time.monotonic()
     handle = comm.exchange([], [Recv(absent_rank, incoming)], channel=Channel.QUERY, step=0)

@@ -42,7 +42,12 @@ __all__ = ["TestKernelContract", "TestCommContract", "TestEndToEnd", "TestBadInp
 
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 # (query rows, key rows) of a block; "q-longer" under a causal mask has rows that see no key.
-BLOCKS = {"square": (16, 16), "q-shorter": (8, 16), "q-longer": (16, 8)}
+# The "tiles-" blocks are longer than a fused kernel's tiles (64/128 rows) and
+# not a multiple of them, where a kernel wrong only at tile edges shows.
+BLOCKS = {
+    "square": (16, 16), "q-shorter": (8, 16), "q-longer": (16, 8),
+    "tiles-square": (257, 257), "tiles-q-shorter": (200, 257), "tiles-q-longer": (257, 200),
+}
 # Head dims tried when a backend declares any (Capabilities.head_dims is None).
 ANY_HEAD_DIMS = (16, 24, 64, 80, 128, 256)
 
@@ -336,9 +341,12 @@ class TestCommContract:
         waiter = results[0]
         assert waiter["raised"] is not None, f"waiting for an absent peer returned after {waiter['seconds']:.1f} s"
         assert waiter["seconds"] < timeout_s + 10, f"the error took {waiter['seconds']:.1f} s for a {timeout_s} s timeout"
+        assert waiter["seconds"] >= timeout_s * 0.5, (
+            f"{waiter['raised']} after {waiter['seconds']:.2f} s: an error this early is not the timeout: {waiter['message']}"
+        )
         assert time.monotonic() - started < 60
-        if waiter["raised"].endswith("CommTimeout"):
-            assert "rank 0" in waiter["message"], f"the timeout must name the rank: {waiter['message']}"
+        assert waiter["raised"].endswith("CommTimeout"), f"expected CommTimeout, got {waiter['raised']}: {waiter['message']}"
+        assert "rank 0" in waiter["message"], f"the timeout must name the rank: {waiter['message']}"
 
 
 # -- end to end ----------------------------------------------------------------------
@@ -380,6 +388,18 @@ class TestEndToEnd:
         problem = _problem(tokenring_worlds.backend_name, tokenring_backend, tokenring_seed, world_size,
                            causal=causal, algorithm=algorithm, softmax_scale=0.3)
         check_gradients(world, problem)
+
+    @ALGORITHMS
+    def test_long_shards_match_float64(self, tokenring_worlds, tokenring_backend, tokenring_seed, world_size, algorithm):
+        # 256 tokens per rank: every block is longer than a fused kernel's tiles.
+        world = tokenring_worlds.get(world_size)
+        causal = tokenring_backend.capabilities.causal
+        problem = _problem(tokenring_worlds.backend_name, tokenring_backend, tokenring_seed, world_size,
+                           batch=1, seq_len=256 * world_size, causal=causal, algorithm=algorithm)
+        if tokenring_backend.capabilities.backward:
+            check_gradients(world, problem)
+        else:
+            check_attention(world, problem)
 
     @DTYPE_PARAMS
     def test_every_declared_dtype(self, tokenring_worlds, tokenring_backend, tokenring_seed, world_size, dtype):
