@@ -142,7 +142,8 @@ def _wait(work, timeout_s: float, where: str) -> None:
     try:
         work.wait(datetime.timedelta(seconds=timeout_s))
     except RuntimeError as error:
-        if "timed out" in str(error).lower():
+        text = str(error).lower()
+        if "timed out" in text or "timeout" in text or "timing out" in text:
             raise CommTimeout(
                 f"{where}: no answer from a peer within {timeout_s:.1f} s "
                 "(did every rank of the group call token_ring_attn with the same arguments?)"
@@ -182,6 +183,11 @@ class BatchedP2PComm(Comm):
         self._batch_isend_irecv = batch_isend_irecv
 
     def exchange(self, sends, recvs, *, channel, step):
+        for message, what in [(m, "send to") for m in sends] + [(m, "receive from") for m in recvs]:
+            if not 0 <= message.peer < self.world_size or message.peer == self.rank:
+                raise ValueError(
+                    f"rank {self.rank}, step {step}: cannot {what} peer {message.peer} in a group of {self.world_size}"
+                )
         tag = _tag(step, channel)
         outgoing = coalesce_sends(sends)
         incoming = coalesce_recvs(recvs)

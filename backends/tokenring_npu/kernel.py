@@ -147,7 +147,8 @@ class NpuFusionAttentionKernel(AttentionKernel):
             softmax_max=softmax_max, softmax_sum=softmax_sum, attention_in=_unit_rows(out[:, rows]),
             scale_value=float(scale), keep_prob=1.0, **self._mask_arguments(mask, q.device),
         )
-        if bool(saw_nothing.any()):
-            block_dq = block_dq.masked_fill(saw_nothing.transpose(1, 2).unsqueeze(-1), 0)
+        # Unconditional (a `.any()` test would sync the host inside the step loop);
+        # such rows already get P = 0 from max = FLT_MAX, this pins dq to exactly 0.
+        block_dq = block_dq.masked_fill(saw_nothing.transpose(1, 2).unsqueeze(-1), 0)
         dq[:, rows] = block_dq
         return dq, dk.to(k.dtype), dv.to(v.dtype)
