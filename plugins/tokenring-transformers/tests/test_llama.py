@@ -78,3 +78,15 @@ def test_missing_position_ids_raise_on_every_rank(worlds, seed):
     for result in caught.value.results:
         assert result.error_type == "tokenring.interfaces.InputError", result
         assert "position_ids" in result.error and "0…3, 12…15" in result.error, result.error
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("padding", "argument 'attention_mask'"),
+    ("sliding-window", "argument 'sliding_window'"),
+])
+def test_what_tokenring_does_not_compute_is_refused_on_every_rank_never_ignored(worlds, seed, case, fragment):
+    results = worlds(2).run("tokenring_transformers.testing.refused_forward", seed, case, timeout_s=120)
+    for result in results:
+        assert not result.ok, f"rank {result.rank} ran a forward that silently ignored {case}"
+        assert result.error_type == "tokenring.interfaces.InputError", result
+        assert fragment in result.error, result.error

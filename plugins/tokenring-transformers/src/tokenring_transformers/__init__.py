@@ -9,11 +9,14 @@ true position ids of its tokens (`tokenring.sequence.shard_batch` gives both),
 and the model's attention layers run `tokenring.token_ring_attn` across the
 ranks. Everything else in the model is per token and runs unchanged.
 
-Registration goes through transformers' public ``AttentionInterface.register``.
-TokenRing has no entry in transformers' mask registry, so the models build no
-attention mask for it: attention is causal over the whole sequence (or full,
-for a module whose ``is_causal`` is False), and padding masks are not
-supported: pack sequences to full length instead.
+Registration goes through transformers' public ``AttentionInterface.register``
+and ``AttentionMaskInterface.register``. TokenRing masks by position (causal
+over the whole sequence, or full for a module whose ``is_causal`` is False),
+so the mask hook builds no mask; it exists so that a padding
+``attention_mask`` given to the model is seen and refused on every rank,
+rather than dropped by transformers. Features TokenRing does not compute
+(sliding windows shorter than the sequence, logit softcapping, attention
+sinks, varlen/packed ``cu_seq_lens``) are refused too, never ignored.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import tokenring
 from tokenring.layout import default_layout, parse_layout
 from tokenring.sequence import local_positions, rank_and_world_size
 
-__all__ = ["DEFAULT_NAME", "TESTED_TRANSFORMERS_VERSIONS", "make_attention_function", "register"]
+__all__ = ["DEFAULT_NAME", "TESTED_TRANSFORMERS_VERSIONS", "make_attention_function", "make_mask_function", "register"]
 __version__ = "0.1.0"
 
 DEFAULT_NAME = "tokenring"
@@ -66,6 +69,9 @@ def make_attention_function(
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         # transformers hands over (B, H, S, D) and expects (B, S, H, D) back.
+        unsupported = _unsupported_feature(kwargs, query.shape[2] * rank_and_world_size(group)[1])
+        if unsupported is not None:  # from the model's config: the same on every rank
+            raise tokenring.InputError(unsupported)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         used_layout = layout or default_layout(bool(causal))
         if check_inputs:
@@ -79,6 +85,41 @@ def make_attention_function(
         return out, None
 
     return tokenring_attention_forward
+
+
+def _unsupported_feature(kwargs: dict[str, Any], seq_len: int) -> str | None:
+    """What the model asks of attention that TokenRing does not compute, or None."""
+    window = kwargs.get("sliding_window")
+    if window is not None and window < seq_len:
+        return (
+            f"argument 'sliding_window': TokenRing attends to the whole sequence, but this layer asks for a "
+            f"window of {window} tokens over a sequence of {seq_len}"
+        )
+    for name, what in (("softcap", "logit softcapping"), ("s_aux", "attention sinks"), ("sinks", "attention sinks"),
+                       ("cu_seq_lens_q", "packed (varlen) sequences"), ("cu_seq_lens_k", "packed (varlen) sequences")):
+        if kwargs.get(name) is not None:
+            return f"argument '{name}': TokenRing does not support {what}"
+    return None
+
+
+def make_mask_function(*, group: Any = None) -> Callable[..., None]:
+    """transformers' mask hook for TokenRing: builds no mask, refuses padding on every rank."""
+
+    def tokenring_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                       attention_mask=None, **kwargs) -> None:
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        problem = None
+        if padded:
+            rank, _ = rank_and_world_size(group)
+            problem = (
+                f"rank {rank}: argument 'attention_mask': it marks padding, and TokenRing attends to every token "
+                f"of the sequence; pack sequences to full length instead of padding"
+            )
+        device = attention_mask.device if attention_mask is not None else torch.device("cpu")
+        _raise_on_every_rank(problem, device, group)
+        return None
+
+    return tokenring_mask
 
 
 def _problem(query, key, attention_mask, dropout, position_ids, layout, group) -> str | None:
@@ -138,5 +179,8 @@ def register(name: str = DEFAULT_NAME, **settings: Any) -> str:
     """
     from transformers import AttentionInterface
 
+    from transformers.masking_utils import AttentionMaskInterface
+
     AttentionInterface.register(name, make_attention_function(**settings))
+    AttentionMaskInterface.register(name, make_mask_function(group=settings.get("group")))
     return name

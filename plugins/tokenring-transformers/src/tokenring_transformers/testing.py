@@ -58,3 +58,30 @@ def llama_step(rank: int, world_size: int, state: bytes, seed: int, batch: int, 
         "loss": loss.item(),
         "grads": {n: to_bytes(p.grad) for n, p in model.named_parameters() if p.grad is not None},
     }
+
+
+def refused_forward(rank: int, world_size: int, seed: int, case: str, seq_len: int = 16) -> str:
+    """A forward that asks for what TokenRing does not compute; it must raise on every rank.
+
+    ``case``: "padding" (a padding attention_mask on rank 0's shard only) or
+    "sliding-window" (a Mistral whose window is shorter than the sequence).
+    """
+    import tokenring_transformers
+    from transformers import MistralConfig, MistralForCausalLM
+
+    name = tokenring_transformers.register()
+    ids = token_ids(seed, 1, seq_len)
+    shard = sequence.shard_batch({"input_ids": ids, "labels": ids})
+    arguments = {"input_ids": shard["input_ids"], "position_ids": shard["position_ids"], "use_cache": False}
+    if case == "padding":
+        model = build_llama(seed, name)
+        mask = torch.ones_like(shard["input_ids"])
+        if rank == 0:
+            mask[:, :2] = 0
+        arguments["attention_mask"] = mask
+    else:
+        config = dict(SMALL_LLAMA, sliding_window=4)
+        torch.manual_seed(seed)
+        model = MistralForCausalLM(MistralConfig(**config, attn_implementation=name))
+    model(**arguments)
+    return "ran"
