@@ -45,6 +45,16 @@ def test_a_wrong_answer_is_never_the_best():
                                                   peak_mem_bytes=None)])[1][-1]
 
 
+def test_gqa_skips_what_needs_equal_heads_and_runs_the_rest(tmp_path, capsys):
+    out = tmp_path / "gqa.json"
+    code = cli.main(["bench", "--world-size", "2", "--seq-len", "32", "--heads", "2", "--kv-heads", "1",
+                     "--head-dim", "8", "--repeats", "1", "--warmup", "0", "--json", str(out), "--chart", ""])
+    assert code == 0
+    assert "torch-ring, sdpa skipped" in capsys.readouterr().err
+    rows = json.loads(out.read_text())["results"]
+    assert [r["impl"] for r in rows] == ["tokenring", "ring"] and all(r["passed"] for r in rows)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--impl", "tokenring,flash"], "--impl"),
     (["--world-size", "3", "--seq-len", "100"], "--seq-len"),
@@ -72,8 +82,12 @@ def test_small_run_checks_every_implementation_and_writes_json_and_chart(tmp_pat
         for key in ("impl", "network", "world_size", "seq_len", "fwd_s", "fwdbwd_s", "max_rel_err", "peak_mem_bytes"):
             assert key in r
         assert r["passed"] and r["max_rel_err"] < 1e-5 and r["fwd_s"] > 0 and r["fwdbwd_s"] > 0
-    for r in rows[1:3]:  # the engine's rows carry the overlap figures
-        assert 0.0 <= r["hidden_comm_fwd"] <= 1.0 and r["comm_alone_fwd_s"] > 0
+    for r in rows[1:3]:  # the engine's rows carry the overlap figures, computed as documented
+        for kind in ("fwd", "bwd"):
+            waits, alone = r[f"wait_{kind}_s_per_rank"], r[f"comm_alone_{kind}_s_per_rank"]
+            assert len(waits) == len(alone) == 2 and all(a > 0 for a in alone)
+            want = sum(min(max(1 - w / a, 0.0), 1.0) for w, a in zip(waits, alone)) / 2
+            assert r[f"hidden_comm_{kind}"] == pytest.approx(want)
     if shutil.which("python") and _has_matplotlib():
         assert chart.read_bytes()[:4] == b"\x89PNG"
 

@@ -476,6 +476,15 @@ def command(args: argparse.Namespace) -> int:
     if args.heads % kv_heads:
         print(f"error: argument --heads ({args.heads}) must be a multiple of --kv-heads ({kv_heads})", file=sys.stderr)
         return 2
+    if kv_heads != args.heads:
+        # torch's CPU flash-attention operator (torch's ring engine, the single-process limit) needs Hq == Hkv.
+        dropped = [name for name in impls if name in ("torch-ring", "sdpa")]
+        impls = [name for name in impls if name not in dropped]
+        if dropped:
+            print(f"note: {', '.join(dropped)} skipped: they need --kv-heads equal to --heads (GQA given)", file=sys.stderr)
+        if not impls:
+            print("error: argument --impl: nothing left to run with GQA; add tokenring or ring", file=sys.stderr)
+            return 2
     threads = args.threads_per_rank or max(1, (os.cpu_count() or 1) // n)
     rates = args.link_gbps if args.network != "loopback" else [None]
 
@@ -611,8 +620,10 @@ def _row(case: Case, network: str, rate, n: int, threads: int, measured, want: d
             extra["comm_alone_bwd_s"] = max(r["comm_alone_bwd_s"] for r in measured)
             extra["wait_fwd_s_per_rank"] = [r["wait_fwd_s"] for r in measured]
             extra["wait_bwd_s_per_rank"] = [r["wait_bwd_s"] for r in measured]
-            extra["hidden_comm_fwd"] = _hidden(extra["wait_fwd_s_per_rank"], [r["comm_alone_fwd_s"] for r in measured])
-            extra["hidden_comm_bwd"] = _hidden(extra["wait_bwd_s_per_rank"], [r["comm_alone_bwd_s"] for r in measured])
+            extra["comm_alone_fwd_s_per_rank"] = [r["comm_alone_fwd_s"] for r in measured]
+            extra["comm_alone_bwd_s_per_rank"] = [r["comm_alone_bwd_s"] for r in measured]
+            extra["hidden_comm_fwd"] = _hidden(extra["wait_fwd_s_per_rank"], extra["comm_alone_fwd_s_per_rank"])
+            extra["hidden_comm_bwd"] = _hidden(extra["wait_bwd_s_per_rank"], extra["comm_alone_bwd_s_per_rank"])
     errors = {name: _rel_err(got[name], want[name]) for name in want}
     max_err = max(errors.values())
     tolerance = GRAD_TOLERANCE[problem.torch_dtype]
@@ -643,7 +654,11 @@ def _row(case: Case, network: str, rate, n: int, threads: int, measured, want: d
 
 
 def _hidden(waits: list[float], alone: list[float]) -> float | None:
-    """Mean over ranks of the share of communication time not spent blocked waiting."""
+    """Mean over ranks of the share of communication time not spent blocked waiting.
+
+    Each rank's share is clamped to [0, 1]: a rank that waited longer than
+    the messages alone take (for a slower peer, say) hid nothing.
+    """
     shares = [min(max(1.0 - w / a, 0.0), 1.0) for w, a in zip(waits, alone) if a > 0]
     return statistics.mean(shares) if shares else None
 
