@@ -6,7 +6,9 @@ attention is exact across ranks (tokenring.nn.TokenRingAttention) and
 everything else is per token. The script runs the same prefill in one process
 and on N ranks, checks that both predict the same next-token logits, and
 reports each process's peak resident memory during the pass (its rise above
-the loaded model and a short warm-up pass).
+the loaded model and a short warm-up pass). The one-process run is the same
+model through TokenRing at N = 1 (no messages), so the comparison isolates
+what splitting the sequence saves.
 
     python examples/long_context_prefill.py                    # 16384 tokens, 2 ranks
     python examples/long_context_prefill.py --world-size 4 --seq-len 32768 --budget-mib 300

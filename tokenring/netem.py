@@ -63,7 +63,9 @@ def _tc_shape(rate_gbps: float, latency_us: float, netem: bool) -> list[str]:
         # netem's own rate and delay; a deep queue so that TCP is not made to drop.
         return ["netem", "delay", f"{latency_us}us", "rate", f"{rate_bits}bit", "limit", "100000"]
     # Token bucket: the bucket must hold several maximum-size (GSO) packets and
-    # about a millisecond of traffic, or the link runs below its rate.
+    # at least a millisecond of traffic, or the link runs below its rate. At low
+    # rates the 256 KiB floor is much more than a millisecond (21 ms at
+    # 0.1 Gbit/s): a link that was idle passes its first 256 KiB at veth speed.
     burst = max(rate_bits // 8 // 1000, 4 * 65536)
     limit = max(rate_bits // 8 // 20, 4 * burst)  # about 50 ms of queue
     return ["tbf", "rate", f"{rate_bits}bit", "burst", str(burst), "limit", str(limit)]

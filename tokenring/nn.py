@@ -40,7 +40,8 @@ def apply_rotary(x: torch.Tensor, position_ids: torch.Tensor, *, base: float = D
 
     The "rotate half" convention of Llama in Hugging Face transformers (pairs
     dimension i with i + D/2). Angles are computed in float32 (float64 for
-    float64 inputs), so large positions keep their precision.
+    float64 inputs), as transformers does; in float32 the angle of position p
+    is off by about p·6e-8 radians (0.06 at a million tokens).
     """
     if x.dim() != 4:
         raise ValueError(f"argument 'x': expected (B, S, H, D), got shape {tuple(x.shape)}")

@@ -119,6 +119,12 @@ class TinyLlama(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalised hidden states (B, S, hidden): everything but the vocabulary projection."""
         if position_ids is None:
+            if not all(isinstance(layer.self_attn, PlainAttention) for layer in self.layers):
+                # A shard's own arange would be the wrong positions on every rank but the first.
+                raise ValueError(
+                    "argument 'position_ids': required for the sequence-parallel model; "
+                    "pass tokenring.sequence.shard_batch(...)['position_ids']"
+                )
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
         hidden_states = self.embed_tokens(input_ids)
         for layer in self.layers:
