@@ -41,14 +41,15 @@ def test_several_sends_to_one_peer_become_one_dense_message_in_batch_order():
     assert merged.is_contiguous() and merged.storage_offset() == 0 and merged.dtype == torch.uint8
     expected = torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in payloads])
     assert torch.equal(merged, expected)
-    assert messages[1].buffer is extra  # a lone dense tensor at offset 0 goes as it is, uncopied
+    # a lone dense tensor at offset 0 goes as it is, uncopied, as bytes like every message
+    assert messages[1].buffer.data_ptr() == extra.data_ptr() and messages[1].buffer.dtype == torch.uint8
 
 
 def test_a_lone_view_is_copied_to_storage_offset_zero():
     view = torch.arange(10.0)[4:]
     (message,) = coalesce_sends([Send(3, view)])
     assert message.buffer.storage_offset() == 0 and message.buffer.is_contiguous()
-    assert torch.equal(message.buffer, view) and message.buffer.data_ptr() != view.data_ptr()
+    assert torch.equal(message.buffer, view.contiguous().view(torch.uint8)) and message.buffer.data_ptr() != view.data_ptr()
 
 
 def test_received_message_is_split_into_the_callers_tensors_even_strided_or_offset():
@@ -67,7 +68,21 @@ def test_received_message_is_split_into_the_callers_tensors_even_strided_or_offs
 def test_a_lone_dense_receive_lands_in_place():
     target = torch.empty(6)
     (message,) = coalesce_recvs([Recv(0, target)])
-    assert message.buffer is target
+    assert message.in_place and message.buffer.data_ptr() == target.data_ptr()
+
+
+def test_both_ends_of_every_message_post_the_same_count_and_type():
+    # HCCL, like NCCL, matches a send and its receive by element count and datatype:
+    # a dense fp16 send must meet a staged (strided) receive as the same bytes.
+    send = torch.randn(4, 6, dtype=torch.float16)
+    strided_target = torch.empty(6, 4, dtype=torch.float16).t()
+    for target in (strided_target, torch.empty(4, 6, dtype=torch.float16)):
+        (out,) = coalesce_sends([Send(1, send)])
+        (inc,) = coalesce_recvs([Recv(0, target)])
+        assert (out.buffer.dtype, out.buffer.numel()) == (inc.buffer.dtype, inc.buffer.numel()) == (torch.uint8, 48)
+        deliver([out], [inc])
+        scatter_received(inc)
+        assert torch.equal(target, send)
 
 
 # -- the whole Comm between two gloo ranks -----------------------------------------

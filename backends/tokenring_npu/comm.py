@@ -58,8 +58,9 @@ class WireMessage:
     """One message on the wire: to or from ``peer``, and the tensors it carries."""
 
     peer: int
-    buffer: torch.Tensor              # dense, storage offset 0
+    buffer: torch.Tensor              # uint8, dense, storage offset 0: both ends post the same count and type
     parts: list[torch.Tensor]         # the caller's tensors, in batch order
+    in_place: bool = False            # a receive whose buffer is the caller's tensor itself
 
 
 def _by_peer(operations: Sequence[Send] | Sequence[Recv]) -> dict[int, list[torch.Tensor]]:
@@ -79,7 +80,7 @@ def coalesce_sends(sends: Sequence[Send]) -> list[WireMessage]:
     messages = []
     for peer, tensors in _by_peer(sends).items():
         if len(tensors) == 1:
-            messages.append(WireMessage(peer, _sendable(tensors[0]), tensors))
+            messages.append(WireMessage(peer, _as_bytes(_sendable(tensors[0])), tensors))
             continue
         buffer = torch.empty(_nbytes(tensors), dtype=torch.uint8, device=tensors[0].device)
         offset = 0
@@ -96,7 +97,7 @@ def coalesce_recvs(recvs: Sequence[Recv]) -> list[WireMessage]:
     messages = []
     for peer, tensors in _by_peer(recvs).items():
         if len(tensors) == 1 and tensors[0].is_contiguous() and tensors[0].storage_offset() == 0:
-            messages.append(WireMessage(peer, tensors[0], tensors))
+            messages.append(WireMessage(peer, _as_bytes(tensors[0]), tensors, in_place=True))
         else:
             staging = torch.empty(_nbytes(tensors), dtype=torch.uint8, device=tensors[0].device)
             messages.append(WireMessage(peer, staging, tensors))
@@ -105,9 +106,9 @@ def coalesce_recvs(recvs: Sequence[Recv]) -> list[WireMessage]:
 
 def scatter_received(message: WireMessage) -> None:
     """Copy a staged message into the caller's receive tensors (no-op when received in place)."""
-    if len(message.parts) == 1 and message.parts[0] is message.buffer:
+    if message.in_place:
         return
-    staged = message.buffer if message.buffer.dtype == torch.uint8 else _as_bytes(message.buffer)
+    staged = message.buffer
     offset = 0
     for t in message.parts:
         nbytes = t.numel() * t.element_size()
