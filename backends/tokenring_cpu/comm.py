@@ -1,4 +1,12 @@
-"""Point-to-point messaging over a torch.distributed gloo group."""
+"""Point-to-point messaging over a torch.distributed gloo group.
+
+gloo keeps one TCP connection per pair of ranks, and a pair sending to each
+other at once over that one connection gets about half the rate each way
+(measured: benchmarks/gloo_duplex.py). TokenRing sends both ways over a pair
+at some steps (queries to r+1 while partials come back from r+1), so each
+direction of a pair gets a connection of its own: messages from the lower
+rank to the higher travel in one subgroup, the others in a second one.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +56,7 @@ def _wait(work, timeout_s: float, where: str) -> None:
 
 
 class GlooComm(Comm):
-    """Asynchronous isend/irecv to any peer of a gloo group; channels are tag spaces."""
+    """Asynchronous isend/irecv to any peer of a gloo group; channels are tag spaces, directions subgroups."""
 
     def __init__(self, group=None) -> None:
         super().__init__()
@@ -68,19 +76,45 @@ class GlooComm(Comm):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.device = torch.device("cpu")
+        self._upward, self._downward = group, group
+        if self.world_size > 1:
+            self._upward, self._downward = self._direction_groups(group)
+
+    def _direction_groups(self, group):
+        """Two subgroups over the same ranks, made by every member at once, within the call timeout."""
+        from tokenring.api import timeout_s
+
+        seconds = timeout_s()
+        ranks = dist.get_process_group_ranks(group)
+        try:
+            # Only this group's members take part in making these: they are the ones calling.
+            return tuple(
+                dist.new_group(ranks, backend="gloo", timeout=datetime.timedelta(seconds=seconds),
+                               use_local_synchronization=True)
+                for _ in range(2)
+            )
+        except Exception as error:
+            raise CommTimeout(
+                f"rank {self.rank}: setting up the cpu backend's connections: not every rank of the group "
+                f"took part within {seconds:.1f} s (did every rank call token_ring_attn?): {error}"
+            ) from error
+
+    def _direction(self, src: int, dst: int):
+        """The subgroup carrying messages from group rank ``src`` to ``dst``."""
+        return self._upward if src < dst else self._downward
 
     def exchange(self, sends, recvs, *, channel, step):
         tag = _tag(step, channel)
         works, tensors = [], []
         for send in sends:
             tensor = send.tensor if send.tensor.is_contiguous() else send.tensor.contiguous()
-            works.append(dist.isend(tensor, group=self.group, group_dst=send.peer, tag=tag))
+            works.append(dist.isend(tensor, group=self._direction(self.rank, send.peer), group_dst=send.peer, tag=tag))
             tensors.append(tensor)
             self._record_sent(step, send.peer, tensor.numel() * tensor.element_size())
         for recv in recvs:
             if not recv.tensor.is_contiguous():
                 raise ValueError("receive buffers must be contiguous for gloo")
-            works.append(dist.irecv(recv.tensor, group=self.group, group_src=recv.peer, tag=tag))
+            works.append(dist.irecv(recv.tensor, group=self._direction(recv.peer, self.rank), group_src=recv.peer, tag=tag))
             tensors.append(recv.tensor)
         return _GlooHandle(works, tensors, self.rank, step, channel)
 
