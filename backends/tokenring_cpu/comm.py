@@ -11,12 +11,12 @@ rank to the higher travel in one subgroup, the others in a second one.
 from __future__ import annotations
 
 import datetime
-import time
 
 import torch
 import torch.distributed as dist
 
-from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, TokenRingError
+from tokenring.distributed import all_gather_bytes, wait_works
+from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle
 
 _CHANNEL_TAGS = {Channel.QUERY: 0, Channel.PARTIAL: 1}
 
@@ -35,24 +35,9 @@ class _GlooHandle(Handle):
         self._channel = channel
 
     def wait(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        for work in self._works:
-            remaining = max(deadline - time.monotonic(), 0.001)
-            _wait(work, remaining, f"rank {self._rank}, step {self._step}, {self._channel.value} channel")
+        wait_works(self._works, timeout_s, f"rank {self._rank}, step {self._step}, {self._channel.value} channel")
         self._works = []
         self._tensors = []
-
-
-def _wait(work, timeout_s: float, where: str) -> None:
-    try:
-        work.wait(datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as error:
-        if "Timed out" in str(error) or "timed out" in str(error):
-            raise CommTimeout(
-                f"{where}: no answer from a peer within {timeout_s:.1f} s "
-                "(did every rank of the group call token_ring_attn with the same arguments?)"
-            ) from error
-        raise TokenRingError(f"{where}: communication failed: {error}") from error
 
 
 class GlooComm(Comm):
@@ -119,15 +104,7 @@ class GlooComm(Comm):
         return _GlooHandle(works, tensors, self.rank, step, channel)
 
     def all_gather_bytes(self, payload: bytes, *, timeout_s: float) -> list[bytes]:
-        deadline = time.monotonic() + timeout_s
-        where = f"rank {self.rank}, agreement check"
-        size = torch.tensor([len(payload)], dtype=torch.int64)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        _wait(dist.all_gather(sizes, size, group=self.group, async_op=True), timeout_s, where)
-        longest = max(int(s.item()) for s in sizes)
-        mine = torch.zeros(longest, dtype=torch.uint8)
-        mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else mine[:0]
-        everyone = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
-        remaining = max(deadline - time.monotonic(), 0.001)
-        _wait(dist.all_gather(everyone, mine, group=self.group, async_op=True), remaining, where)
-        return [bytes(t[: int(n.item())].tolist()) for t, n in zip(everyone, sizes)]
+        return all_gather_bytes(
+            payload, group=self.group, world_size=self.world_size, timeout_s=timeout_s,
+            where=f"rank {self.rank}, agreement check",
+        )

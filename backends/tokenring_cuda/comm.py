@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 
 import torch
 import torch.distributed as dist
 
+from tokenring.distributed import all_gather_bytes, is_timeout, wait_works
 from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, TokenRingError
 
 BLOCKING_WAIT_ENV = "TOKENRING_CUDA_BLOCKING_WAIT"
@@ -48,11 +48,6 @@ def _blocking_wait_requested() -> bool:
     return os.environ.get(BLOCKING_WAIT_ENV, "").strip() not in ("", "0")
 
 
-def _is_timeout(error: BaseException) -> bool:
-    text = str(error).lower()
-    return "timed out" in text or "timeout" in text or "timing out" in text
-
-
 class _NcclHandle(Handle):
     def __init__(self, works, tensors, comm: "NcclComm", step: int, channel: Channel):
         self._works = works
@@ -64,10 +59,7 @@ class _NcclHandle(Handle):
     def wait(self, timeout_s: float) -> None:
         where = f"rank {self._comm.rank}, step {self._step}, {self._channel.value} channel"
         if self._comm.blocking_wait:
-            deadline = time.monotonic() + timeout_s
-            for work in self._works:
-                remaining = max(deadline - time.monotonic(), 0.001)
-                _host_wait(work, remaining, where)
+            wait_works(self._works, timeout_s, where)
         else:
             for work in self._works:
                 try:
@@ -76,18 +68,6 @@ class _NcclHandle(Handle):
                     raise TokenRingError(f"{where}: communication failed: {error}") from error
         self._works = []
         self._tensors = []
-
-
-def _host_wait(work, timeout_s: float, where: str) -> None:
-    try:
-        work.wait(datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as error:
-        if _is_timeout(error):
-            raise CommTimeout(
-                f"{where}: no answer from a peer within {timeout_s:.1f} s "
-                "(did every rank of the group call token_ring_attn with the same arguments?)"
-            ) from error
-        raise TokenRingError(f"{where}: communication failed: {error}") from error
 
 
 class NcclComm(Comm):
@@ -148,7 +128,7 @@ class NcclComm(Comm):
                 self._global_ranks, timeout=timeout, backend="gloo", use_local_synchronization=True
             )
         except Exception as error:
-            if _is_timeout(error):
+            if is_timeout(error):
                 raise CommTimeout(
                     f"rank {self.rank}: creating the cuda backend's process groups: not every rank of the "
                     f"group took part within {self.timeout_s:.1f} s ({error})"
@@ -194,19 +174,7 @@ class NcclComm(Comm):
             )
 
     def all_gather_bytes(self, payload: bytes, *, timeout_s: float) -> list[bytes]:
-        if self.world_size == 1:
-            return [bytes(payload)]
-        deadline = time.monotonic() + timeout_s
-        where = f"rank {self.rank}, agreement check"
-        group = self._agreement_group
-        size = torch.tensor([len(payload)], dtype=torch.int64)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        _host_wait(dist.all_gather(sizes, size, group=group, async_op=True), timeout_s, where)
-        longest = max(int(s.item()) for s in sizes)
-        mine = torch.zeros(longest, dtype=torch.uint8)
-        if payload:
-            mine[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        everyone = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
-        remaining = max(deadline - time.monotonic(), 0.001)
-        _host_wait(dist.all_gather(everyone, mine, group=group, async_op=True), remaining, where)
-        return [bytes(t[: int(n.item())].tolist()) for t, n in zip(everyone, sizes)]
+        return all_gather_bytes(
+            payload, group=self._agreement_group, world_size=self.world_size, timeout_s=timeout_s,
+            where=f"rank {self.rank}, agreement check",
+        )

@@ -24,15 +24,14 @@ very code over gloo on a CPU.
 
 from __future__ import annotations
 
-import datetime
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, Recv, Send, TokenRingError
+from tokenring.distributed import all_gather_bytes, wait_works
+from tokenring.interfaces import BackendError, Channel, Comm, Handle, Recv, Send
 
 _CHANNEL_TAGS = {Channel.QUERY: 0, Channel.PARTIAL: 1}
 
@@ -129,27 +128,12 @@ class _BatchHandle(Handle):
         self._where = where
 
     def wait(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        for work in self._works:
-            _wait(work, max(deadline - time.monotonic(), 0.001), self._where)
+        wait_works(self._works, timeout_s, self._where)
         # On an NPU, wait() orders the current stream after the transfer, so
         # these copies see the received bytes.
         for message in self._received:
             scatter_received(message)
         self._works, self._sent, self._received = [], [], []
-
-
-def _wait(work, timeout_s: float, where: str) -> None:
-    try:
-        work.wait(datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as error:
-        text = str(error).lower()
-        if "timed out" in text or "timeout" in text or "timing out" in text:
-            raise CommTimeout(
-                f"{where}: no answer from a peer within {timeout_s:.1f} s "
-                "(did every rank of the group call token_ring_attn with the same arguments?)"
-            ) from error
-        raise TokenRingError(f"{where}: communication failed: {error}") from error
 
 
 class BatchedP2PComm(Comm):
@@ -201,21 +185,11 @@ class BatchedP2PComm(Comm):
         return _BatchHandle(works or [], outgoing, incoming, where)
 
     def all_gather_bytes(self, payload: bytes, *, timeout_s: float) -> list[bytes]:
-        # int32 rather than uint8: every HCCL version reduces/gathers int32.
-        deadline = time.monotonic() + timeout_s
-        where = f"rank {self.rank}, agreement check"
-        size = torch.tensor([len(payload)], dtype=torch.int32, device=self.device)
-        sizes = [torch.zeros(1, dtype=torch.int32, device=self.device) for _ in range(self.world_size)]
-        _wait(dist.all_gather(sizes, size, group=self.group, async_op=True), timeout_s, where)
-        lengths = [int(s.item()) for s in sizes]
-        longest = max(lengths)
-        mine = torch.zeros(longest, dtype=torch.int32)
-        if payload:
-            mine[: len(payload)] = torch.tensor(list(payload), dtype=torch.int32)
-        mine = mine.to(self.device)
-        everyone = [torch.empty(longest, dtype=torch.int32, device=self.device) for _ in range(self.world_size)]
-        _wait(dist.all_gather(everyone, mine, group=self.group, async_op=True), max(deadline - time.monotonic(), 0.001), where)
-        return [bytes(t[:n].cpu().tolist()) for t, n in zip(everyone, lengths)]
+        # int32 rather than uint8: every HCCL version gathers int32.
+        return all_gather_bytes(
+            payload, group=self.group, world_size=self.world_size, timeout_s=timeout_s,
+            where=f"rank {self.rank}, agreement check", device=self.device, dtype=torch.int32,
+        )
 
 
 class HcclComm(BatchedP2PComm):
