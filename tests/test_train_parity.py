@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tokenring.testing import model_tasks
 from tokenring.testing.model_tasks import TrainingRun
@@ -55,3 +56,11 @@ def test_the_example_script_exits_0_and_states_the_largest_differences():
     assert done.returncode == 0, done.stdout + done.stderr
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("parity holds") and "largest |loss - single-process loss|" in last, last
+
+
+def test_the_sequence_parallel_model_refuses_to_number_a_shard_from_zero():
+    from tokenring.testing.tiny_llama import TinyLlamaConfig, build_reference, sequence_parallel_copy
+
+    model = sequence_parallel_copy(build_reference(TinyLlamaConfig(), seed=0))
+    with pytest.raises(ValueError, match="argument 'position_ids'"):
+        model(torch.zeros(1, 8, dtype=torch.long))  # no positions: a shard's own arange would be wrong
