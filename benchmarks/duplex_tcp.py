@@ -7,7 +7,7 @@ namespaces). Used in docs/BENCHMARKS.md to tell the links from gloo.
     python benchmarks/duplex_tcp.py
 """
 import subprocess, sys, time
-from tokenring.netem import Network, _rank_address
+from tokenring.tools.netem import Network, _rank_address
 
 SIZE = 4 << 20
 SERVER = r'''

@@ -17,7 +17,7 @@ def exchange(rank: int, world_size: int, both: bool) -> list[int]:
     import torch
     import torch.distributed as dist
 
-    from tokenring import benchmark
+    from tokenring.tools import benchmark
 
     peer = 1 - rank
     outgoing, incoming = torch.ones((4 << 20) // 4), torch.empty((4 << 20) // 4)
@@ -37,12 +37,12 @@ def exchange(rank: int, world_size: int, both: bool) -> list[int]:
 
 
 def main() -> None:
-    from tokenring.launch import LocalWorld
-    from tokenring.netem import Network
+    from tokenring.tools.launch import LocalWorld
+    from tokenring.tools.netem import Network
 
     here = os.path.dirname(os.path.abspath(__file__))
     with Network("fullmesh", 2, 0.1) as net, LocalWorld(2, threads_per_rank=1, env={"PYTHONPATH": here}) as world:
-        world.run_ok("tokenring.benchmark.join_network", [net.rank_settings(r) for r in range(2)], 60.0)
+        world.run_ok("tokenring.tools.benchmark.join_network", [net.rank_settings(r) for r in range(2)], 60.0)
         print("one way, ms per rank:  ", world.run_ok("gloo_duplex.exchange", False))
         print("both ways, ms per rank:", world.run_ok("gloo_duplex.exchange", True))
 

@@ -24,7 +24,7 @@ import os
 import sys
 
 import tokenring
-from tokenring.launch import LocalWorld
+from tokenring.tools.launch import LocalWorld
 from tokenring.testing.model_tasks import PREFILL_CONFIG
 from tokenring.testing.problems import relative_error
 from tokenring.testing.tasks import from_bytes

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenring.launch import LocalWorld
+from tokenring.tools.launch import LocalWorld
 from tokenring.testing.model_tasks import TrainingRun, compare_training, reference_training
 
 TOLERANCE = {"float32": (1e-5, 1e-5), "float64": (1e-12, 1e-12)}  # (loss: absolute, gradient: relative to max|g|)

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from tokenring.launch import LocalWorld
+from tokenring.tools.launch import LocalWorld
 from tokenring.testing.checks import assert_all_ranks_fail
 from tokenring.testing.problems import Problem
 

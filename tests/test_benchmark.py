@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from tokenring import benchmark, cli, reference_attention
+from tokenring import reference_attention
+from tokenring.tools import benchmark, cli
 from tokenring.testing.problems import relative_error
 
 
@@ -107,6 +108,6 @@ def test_small_run_over_an_emulated_full_mesh(tmp_path):
     code, report, _ = _small_run(tmp_path, "--impl", "tokenring,ring", "--network", "fullmesh", "--link-gbps", "2")
     assert code == 0 and report["network_fallback_reason"] is None
     assert {(r["network"], r["link_gbps"]) for r in report["results"]} == {("fullmesh", 2.0)}
-    from tokenring import netem
+    from tokenring.tools import netem
 
     assert not [n for n in netem.list_namespaces() if n.startswith(f"{netem.PREFIX}{os.getpid()}")]

@@ -17,7 +17,7 @@ import torch
 
 import tokenring
 from tokenring.interfaces import Mask
-from tokenring.launch import LocalWorld
+from tokenring.tools.launch import LocalWorld
 from tokenring.plan import sum_by_link
 from tokenring.reference import reference_attention
 from tokenring.testing.problems import GRAD_TOLERANCE, TOLERANCE, Problem, relative_error

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tokenring import netem
+from tokenring.tools import netem
 
 needs_root = pytest.mark.skipif(
     os.name != "posix" or os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"),

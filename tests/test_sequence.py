@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import tokenring
 from tokenring import sequence
-from tokenring.launch import WorkerError
+from tokenring.tools.launch import WorkerError
 from tokenring.testing.model_tasks import _random_logits_and_labels
 from tokenring.testing.problems import relative_error
 from tokenring.testing.tasks import from_bytes

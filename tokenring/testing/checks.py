@@ -7,7 +7,7 @@ every backend to exactly the same standard.
 from __future__ import annotations
 
 from ..interfaces import LinkTraffic, accumulation_dtype
-from ..launch import LocalWorld
+from ..tools.launch import LocalWorld
 from ..layout import unshard
 from ..plan import build_plan, sum_by_link
 from .problems import GRAD_TOLERANCE, TOLERANCE, Problem, relative_error

@@ -1,4 +1,4 @@
-"""Whole-model tasks for `tokenring.launch.LocalWorld`: training parity and long-context prefill.
+"""Whole-model tasks for `tokenring.tools.launch.LocalWorld`: training parity and long-context prefill.
 
 Each task is called as ``task(rank, world_size, *args)`` on every rank and
 returns plain data (tensors as bytes, see `tokenring.testing.tasks.to_bytes`).

@@ -37,7 +37,7 @@ import random
 import pytest
 
 from ..interfaces import Backend, BackendError
-from ..launch import LocalWorld
+from ..tools.launch import LocalWorld
 
 DEFAULT_WORLD_SIZES = (1, 2, 3, 4)
 # Short enough that a hang fails a test quickly, long enough for a loaded 2-core machine.

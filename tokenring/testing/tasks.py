@@ -1,4 +1,4 @@
-"""Functions that run on every rank of a `tokenring.launch.LocalWorld`.
+"""Functions that run on every rank of a `tokenring.tools.launch.LocalWorld`.
 
 Each is called as ``task(rank, world_size, *args)`` and returns plain data
 (numbers, lists, tensors serialised with `to_bytes`), never live tensors:

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import tokenring
-from tokenring.launch import LocalWorld, WorkerError
+from tokenring.tools.launch import LocalWorld, WorkerError
 from tokenring.testing.problems import relative_error
 from tokenring.testing.tasks import from_bytes
 import tokenring_transformers

@@ -1,6 +1,6 @@
 """A small LlamaForCausalLM (random weights, no hub) and the tasks that run it sequence-parallel.
 
-Tasks are called on every rank of a `tokenring.launch.LocalWorld` as
+Tasks are called on every rank of a `tokenring.tools.launch.LocalWorld` as
 ``task(rank, world_size, *args)``; tensors go back as bytes.
 """
 

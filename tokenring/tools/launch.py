@@ -67,7 +67,7 @@ def _worker_main(rank, world_size, backend, tokenring_backend, init_file, thread
         torch.set_num_threads(threads)
     try:
         if tokenring_backend is not None:
-            from .registry import registry
+            from ..registry import registry
 
             registry.get(tokenring_backend).prepare_process(rank)
         dist.init_process_group(
@@ -121,7 +121,7 @@ class LocalWorld:
             if tokenring_backend is None:
                 backend = "gloo"
             else:
-                from .registry import registry
+                from ..registry import registry
 
                 backend = registry.get(tokenring_backend).distributed_backend
         self.world_size = world_size

@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         _validate_run_args(run_parser, args)
-    from .interfaces import BackendError, InputError
+    from ..interfaces import BackendError, InputError
     from .launch import WorkerError
 
     try:
@@ -191,7 +191,7 @@ def _user_error_of(exc: Any) -> str | None:
 
 
 def _backends_command(args: argparse.Namespace) -> int:
-    from .registry import registry
+    from ..registry import registry
 
     entries = registry.entries()
     if args.json:
@@ -232,13 +232,13 @@ def _table(rows: Sequence[Sequence[Any]], right_aligned: Sequence[int] = ()) -> 
 def _run_command(args: argparse.Namespace) -> int:
     import torch
 
-    from . import __version__, build_plan, unshard
+    from .. import __version__, build_plan, unshard
     from .launch import LocalWorld
-    from .interfaces import LinkTraffic
-    from .plan import sum_by_link
-    from .registry import registry
-    from .testing.problems import GRAD_TOLERANCE, GRADIENTS, TOLERANCE, Problem, relative_error
-    from .testing.tasks import from_bytes
+    from ..interfaces import LinkTraffic
+    from ..plan import sum_by_link
+    from ..registry import registry
+    from ..testing.problems import GRAD_TOLERANCE, GRADIENTS, TOLERANCE, Problem, relative_error
+    from ..testing.tasks import from_bytes
 
     # Fail fast, before starting processes, when the backend cannot run here.
     registry.get(args.backend)

@@ -17,7 +17,7 @@ Every implementation's output (and gradients) is checked against a float64
 reference in the same run; a wrong one is marked and never counts as best.
 With ``--network fullmesh|switch`` every rank runs in its own network
 namespace and the implementations talk over rate-limited links
-(`tokenring.netem`); ``--link-gbps`` and ``--seq-len`` take comma-separated
+(`tokenring.tools.netem`); ``--link-gbps`` and ``--seq-len`` take comma-separated
 lists to sweep, on one set of ranks.
 
 Per implementation and configuration: forward and forward+backward medians
@@ -81,7 +81,7 @@ class Case:
     warmup: int
 
     def problem(self):
-        from .testing.problems import Problem
+        from ..testing.problems import Problem
 
         algorithm = self.impl if self.impl in ENGINE else "tokenring"
         return Problem(
@@ -100,7 +100,7 @@ class _NullKernel:
     def forward(self, q, k, v, *, scale, mask):
         import torch
 
-        from .interfaces import accumulation_dtype
+        from ..interfaces import accumulation_dtype
 
         lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1], dtype=accumulation_dtype(q.dtype))
         return q.new_zeros(*q.shape[:3], v.shape[-1]), lse
@@ -167,8 +167,8 @@ def measure(rank: int, world_size: int, case: Case, timeout_s: float) -> dict:
 
     import tokenring
 
-    from . import timeline
-    from .testing.tasks import from_bytes, peak_memory, to_bytes
+    from .. import timeline
+    from ..testing.tasks import from_bytes, peak_memory, to_bytes
 
     problem = case.problem()
     layout = problem.resolved_layout
@@ -272,10 +272,10 @@ def _comm_alone(case: Case, q, k, v, dout, timeout_s: float) -> dict:
     """Median seconds the forward and the backward plan take with a kernel that computes nothing."""
     import torch.distributed as dist
 
-    from . import timeline
-    from .executor import Executor
-    from .plan import build_plan
-    from .registry import registry
+    from .. import timeline
+    from ..executor import Executor
+    from ..plan import build_plan
+    from ..registry import registry
 
     executor = Executor(registry.get("cpu").create_comm(_GROUP), _NullKernel())
     layout = case.problem().resolved_layout
@@ -311,7 +311,7 @@ def single_process(case: Case, threads: int) -> dict:
     """The ``sdpa`` limit: the whole sequence in this process with ``threads`` threads."""
     import torch
 
-    from .testing.tasks import peak_memory
+    from ..testing.tasks import peak_memory
 
     problem = case.problem()
     if case.heads != case.kv_heads:
@@ -351,7 +351,7 @@ def single_process(case: Case, threads: int) -> dict:
 
 def single_process_task(rank: int, world_size: int, case: Case, threads: int) -> dict:
     """`single_process` in a fresh process of its own, so its memory rise is its own; tensors as bytes."""
-    from .testing.tasks import to_bytes
+    from ..testing.tasks import to_bytes
 
     result = single_process(case, threads)
     result["outputs"] = {name: to_bytes(t) for name, t in result["outputs"].items()}
@@ -391,7 +391,7 @@ def reference(case: Case, rows: int = 1024) -> dict:
 
 
 def _rel_err(got, want) -> float:
-    from .testing.problems import relative_error
+    from ..testing.problems import relative_error
 
     return relative_error(got, want)
 
@@ -548,7 +548,7 @@ def _open_network(args, n):
 
 def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
     from .launch import LocalWorld
-    from .testing.tasks import from_bytes
+    from ..testing.tasks import from_bytes
 
     base = Case(impl="tokenring", seed=args.seed, batch=args.batch, seq_len=args.seq_len[0], heads=args.heads,
                 kv_heads=kv_heads, head_dim=args.head_dim, dtype=args.dtype, causal=args.causal,
@@ -567,7 +567,7 @@ def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
         with LocalWorld(n, tokenring_backend="cpu", threads_per_rank=threads, env=env) as world:
             if network is not None:
                 settings = [network.rank_settings(r) for r in range(n)]
-                world.run_ok("tokenring.benchmark.join_network", settings, args.timeout, timeout_s=args.timeout)
+                world.run_ok("tokenring.tools.benchmark.join_network", settings, args.timeout, timeout_s=args.timeout)
             for seq_len in args.seq_len:
                 case = replace(base, seq_len=seq_len)
                 progress.show(f"S={seq_len}: float64 reference")
@@ -577,7 +577,7 @@ def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
                 limit = None
                 if case.heads == case.kv_heads:
                     with LocalWorld(1, threads_per_rank=n * threads, env=env) as alone:
-                        (limit,) = alone.run_ok("tokenring.benchmark.single_process_task", case, n * threads,
+                        (limit,) = alone.run_ok("tokenring.tools.benchmark.single_process_task", case, n * threads,
                                                 timeout_s=task_timeout)
                     limit["outputs"] = {name: from_bytes(blob) for name, blob in limit["outputs"].items()}
                 if "sdpa" in impls and limit is not None:
@@ -590,7 +590,7 @@ def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
                     for impl in ranked:
                         progress.show(f"S={seq_len} {label} {rate or ''} {impl}")
                         per_rank = world.run_ok(
-                            "tokenring.benchmark.measure", replace(case, impl=impl), args.timeout, timeout_s=task_timeout
+                            "tokenring.tools.benchmark.measure", replace(case, impl=impl), args.timeout, timeout_s=task_timeout
                         )
                         rows.append(_row(replace(case, impl=impl), label, rate, n, threads, per_rank, want, limit))
                         progress.step(f"S={seq_len} {label} {rate or ''} {impl}")
@@ -601,9 +601,9 @@ def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
 
 
 def _row(case: Case, network: str, rate, n: int, threads: int, measured, want: dict, limit: dict | None = None) -> dict:
-    from . import unshard
-    from .testing.problems import GRAD_TOLERANCE
-    from .testing.tasks import from_bytes
+    from .. import unshard
+    from ..testing.problems import GRAD_TOLERANCE
+    from ..testing.tasks import from_bytes
 
     problem = case.problem()
     if case.impl == "sdpa":
