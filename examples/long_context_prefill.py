@@ -26,8 +26,8 @@ import sys
 import tokenring
 from tokenring.tools.launch import LocalWorld
 from tokenring.testing.model_tasks import PREFILL_CONFIG
-from tokenring.testing.problems import relative_error
-from tokenring.testing.tasks import from_bytes
+from tokenring.tools.problems import relative_error
+from tokenring.tools.tasks import from_bytes
 
 MIB = 2**20
 

@@ -10,7 +10,7 @@ import torch
 
 from tokenring import reference_attention
 from tokenring.tools import benchmark, cli
-from tokenring.testing.problems import relative_error
+from tokenring.tools.problems import relative_error
 
 
 def _case(**changes):

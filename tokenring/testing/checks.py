@@ -10,8 +10,8 @@ from ..interfaces import LinkTraffic, accumulation_dtype
 from ..tools.launch import LocalWorld
 from ..layout import unshard
 from ..plan import build_plan, sum_by_link
-from .problems import GRAD_TOLERANCE, TOLERANCE, Problem, relative_error
-from .tasks import from_bytes
+from ..tools.problems import GRAD_TOLERANCE, TOLERANCE, Problem, relative_error
+from ..tools.tasks import from_bytes
 
 
 def _gathered(results: list[dict], name: str, layout: str, dim: int = 1):
@@ -21,7 +21,7 @@ def _gathered(results: list[dict], name: str, layout: str, dim: int = 1):
 def check_attention(world: LocalWorld, problem: Problem, memory: str = "contiguous") -> list[dict]:
     """Run one forward on every rank of ``world``; assert out and lse match float64 and traffic its plan."""
     world_size = world.world_size
-    results = world.run_ok("tokenring.testing.tasks.attention", problem, memory)
+    results = world.run_ok("tokenring.tools.tasks.attention", problem, memory)
     layout = problem.resolved_layout
     out, lse = _gathered(results, "out", layout), _gathered(results, "lse", layout, dim=2)
     want_out, want_lse = problem.reference()
@@ -47,7 +47,7 @@ def check_attention(world: LocalWorld, problem: Problem, memory: str = "contiguo
 def check_gradients(world: LocalWorld, problem: Problem, memory: str = "contiguous") -> list[dict]:
     """Run forward and backward on every rank; assert out, dq, dk, dv match float64 autograd and traffic its plans."""
     world_size = world.world_size
-    results = world.run_ok("tokenring.testing.tasks.attention_with_grads", problem, memory)
+    results = world.run_ok("tokenring.tools.tasks.attention_with_grads", problem, memory)
     layout = problem.resolved_layout
     got = {name: _gathered(results, name, layout) for name in ("out", "dq", "dk", "dv")}
     want_out, _ = problem.reference()

@@ -1,7 +1,7 @@
 """Whole-model tasks for `tokenring.tools.launch.LocalWorld`: training parity and long-context prefill.
 
 Each task is called as ``task(rank, world_size, *args)`` on every rank and
-returns plain data (tensors as bytes, see `tokenring.testing.tasks.to_bytes`).
+returns plain data (tensors as bytes, see `tokenring.tools.tasks.to_bytes`).
 The single-process references run in the calling process, with no process
 group at all.
 """
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 import tokenring
 from tokenring import sequence
-from tokenring.testing.problems import DTYPES
-from tokenring.testing.tasks import from_bytes, peak_memory, to_bytes
+from tokenring.tools.problems import DTYPES
+from tokenring.tools.tasks import from_bytes, peak_memory, to_bytes
 from tokenring.testing.tiny_llama import (
     TinyLlama,
     TinyLlamaConfig,

@@ -81,7 +81,7 @@ class Case:
     warmup: int
 
     def problem(self):
-        from ..testing.problems import Problem
+        from .problems import Problem
 
         algorithm = self.impl if self.impl in ENGINE else "tokenring"
         return Problem(
@@ -168,7 +168,7 @@ def measure(rank: int, world_size: int, case: Case, timeout_s: float) -> dict:
     import tokenring
 
     from .. import timeline
-    from ..testing.tasks import from_bytes, peak_memory, to_bytes
+    from .tasks import from_bytes, peak_memory, to_bytes
 
     problem = case.problem()
     layout = problem.resolved_layout
@@ -311,7 +311,7 @@ def single_process(case: Case, threads: int) -> dict:
     """The ``sdpa`` limit: the whole sequence in this process with ``threads`` threads."""
     import torch
 
-    from ..testing.tasks import peak_memory
+    from .tasks import peak_memory
 
     problem = case.problem()
     if case.heads != case.kv_heads:
@@ -351,7 +351,7 @@ def single_process(case: Case, threads: int) -> dict:
 
 def single_process_task(rank: int, world_size: int, case: Case, threads: int) -> dict:
     """`single_process` in a fresh process of its own, so its memory rise is its own; tensors as bytes."""
-    from ..testing.tasks import to_bytes
+    from .tasks import to_bytes
 
     result = single_process(case, threads)
     result["outputs"] = {name: to_bytes(t) for name, t in result["outputs"].items()}
@@ -391,7 +391,7 @@ def reference(case: Case, rows: int = 1024) -> dict:
 
 
 def _rel_err(got, want) -> float:
-    from ..testing.problems import relative_error
+    from .problems import relative_error
 
     return relative_error(got, want)
 
@@ -548,7 +548,7 @@ def _open_network(args, n):
 
 def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
     from .launch import LocalWorld
-    from ..testing.tasks import from_bytes
+    from .tasks import from_bytes
 
     base = Case(impl="tokenring", seed=args.seed, batch=args.batch, seq_len=args.seq_len[0], heads=args.heads,
                 kv_heads=kv_heads, head_dim=args.head_dim, dtype=args.dtype, causal=args.causal,
@@ -602,8 +602,8 @@ def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
 
 def _row(case: Case, network: str, rate, n: int, threads: int, measured, want: dict, limit: dict | None = None) -> dict:
     from .. import unshard
-    from ..testing.problems import GRAD_TOLERANCE
-    from ..testing.tasks import from_bytes
+    from .problems import GRAD_TOLERANCE
+    from .tasks import from_bytes
 
     problem = case.problem()
     if case.impl == "sdpa":

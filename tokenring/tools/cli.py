@@ -237,8 +237,8 @@ def _run_command(args: argparse.Namespace) -> int:
     from ..interfaces import LinkTraffic
     from ..plan import sum_by_link
     from ..registry import registry
-    from ..testing.problems import GRAD_TOLERANCE, GRADIENTS, TOLERANCE, Problem, relative_error
-    from ..testing.tasks import from_bytes
+    from .problems import GRAD_TOLERANCE, GRADIENTS, TOLERANCE, Problem, relative_error
+    from .tasks import from_bytes
 
     # Fail fast, before starting processes, when the backend cannot run here.
     registry.get(args.backend)
@@ -277,7 +277,7 @@ def _run_command(args: argparse.Namespace) -> int:
         # Each wait inside a call is bounded by --timeout in the workers; this
         # bound only catches a world that stopped answering altogether.
         results = world.run_ok(
-            "tokenring.testing.tasks.timed_attention", problem, args.repeats, args.backward,
+            "tokenring.tools.tasks.timed_attention", problem, args.repeats, args.backward,
             timeout_s=args.timeout * (args.repeats + 1) * (3 if args.backward else 1),
         )
 

@@ -8,8 +8,8 @@ import transformers
 
 import tokenring
 from tokenring.tools.launch import LocalWorld, WorkerError
-from tokenring.testing.problems import relative_error
-from tokenring.testing.tasks import from_bytes
+from tokenring.tools.problems import relative_error
+from tokenring.tools.tasks import from_bytes
 import tokenring_transformers
 from tokenring_transformers.testing import build_llama, llama_step, state_bytes, token_ids
 

@@ -11,7 +11,7 @@ import io
 import torch
 
 from tokenring import sequence
-from tokenring.testing.tasks import to_bytes
+from tokenring.tools.tasks import to_bytes
 
 SMALL_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0)
