@@ -58,12 +58,55 @@ def test_gqa_skips_what_needs_equal_heads_and_runs_the_rest(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--impl", "tokenring,flash"], "--impl"),
+    (["--impl", ","], "--impl"),
     (["--world-size", "3", "--seq-len", "100"], "--seq-len"),
+    (["--world-size", "2", "--seq-len", "64,66", "--causal"], "--seq-len"),  # zigzag: 2N = 4 chunks
     (["--heads", "6", "--kv-heads", "4"], "--heads"),
-])
-def test_bad_arguments_fail_before_starting_ranks(argv, message, capsys):
+    (["--heads", "2", "--kv-heads", "1", "--impl", "sdpa,torch-ring"], "--impl"),
+    (["--world-size", "0"], "--world-size"),
+    (["--world-size", "-2"], "--world-size"),
+    (["--seq-len", "0"], "--seq-len"),
+    (["--seq-len", "4096,x"], "--seq-len"),
+    (["--batch", "0"], "--batch"),
+    (["--heads", "0"], "--heads"),
+    (["--kv-heads", "0"], "--kv-heads"),
+    (["--head-dim", "-8"], "--head-dim"),
+    (["--repeats", "0"], "--repeats"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--threads-per-rank", "0"], "--threads-per-rank"),
+    (["--timeout", "0"], "--timeout"),
+    (["--timeout", "nan"], "--timeout"),
+    (["--link-gbps", "0"], "--link-gbps"),
+    (["--link-gbps", "10,inf"], "--link-gbps"),
+    (["--latency-us", "-5"], "--latency-us"),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_bad_arguments_fail_before_starting_ranks(argv, message, capsys, monkeypatch):
+    from tokenring.tools import launch
+
+    def no_world(*args, **kwargs):
+        raise AssertionError("ranks started for bad arguments")
+
+    monkeypatch.setattr(launch, "LocalWorld", no_world)
     assert cli.main(["bench", *argv, "--chart", ""]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: argument {message}" in err, err
+    assert "Traceback" not in err
+
+
+def test_bench_and_run_check_the_problem_with_the_same_code(monkeypatch):
+    from tokenring.tools import options
+
+    calls = []
+    real = options.check_problem
+
+    def spy(parser, args, **kwargs):
+        calls.append(parser.prog)
+        return real(parser, args, **kwargs)
+
+    monkeypatch.setattr(options, "check_problem", spy)
+    assert cli.main(["bench", "--world-size", "3", "--seq-len", "100", "--chart", ""]) == 2
+    assert cli.main(["run", "--world-size", "3", "--seq-len", "100"]) == 2
+    assert calls == ["tokenring bench", "tokenring run"]
 
 
 def _small_run(tmp_path, *extra):

@@ -93,3 +93,16 @@ def test_run_reports_an_unknown_backend_in_one_line():
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "no-such-backend" in errors[0] and "'cpu'" in errors[0]
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+@pytest.mark.parametrize("argv, flag", [
+    (["--world-size", "0"], "--world-size"),
+    (["--heads", "6", "--kv-heads", "4"], "--heads"),
+    (["--timeout", "-1"], "--timeout"),
+])
+def test_run_and_bench_refuse_bad_arguments_alike(command, argv, flag):
+    done = tokenring(command, *argv, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"tokenring {command}: error: argument {flag}" in done.stderr
+    assert "Traceback" not in done.stderr

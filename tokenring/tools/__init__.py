@@ -2,6 +2,9 @@
 
 * `tokenring.tools.cli`: the ``tokenring`` command (``backends``, ``run``,
   ``bench``, ``conformance``);
+* `tokenring.tools.options`: argument types and the problem checks that
+  ``run`` and ``bench`` share;
+* `tokenring.tools.table`: plain-text tables;
 * `tokenring.tools.benchmark`: ``tokenring bench``;
 * `tokenring.tools.conformance`: the runner of the shared conformance suite;
 * `tokenring.tools.launch`: local multi-process worlds (`LocalWorld`);

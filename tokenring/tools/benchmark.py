@@ -2,8 +2,9 @@
 
 Implementations (``--impl``, default all):
 
-* ``tokenring``: `token_ring_attn` with ``algorithm="tokenring"`` (queries travel);
-* ``ring``: the same engine with ``algorithm="ring"`` (K and V travel);
+* every registered schedule (`tokenring.schedules.schedule_names`), through
+  `token_ring_attn` with that ``algorithm``: ``tokenring`` (queries travel),
+  ``ring`` (K and V travel), ...;
 * ``torch-ring``: torch's own ring-attention engine, the internal
   ``_templated_ring_attention`` / ``_templated_ring_attention_backward`` of
   ``torch.distributed.tensor.experimental._attention``, driven with torch's CPU
@@ -42,8 +43,21 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-IMPLEMENTATIONS = ("tokenring", "ring", "torch-ring", "sdpa")
-ENGINE = ("tokenring", "ring")
+from .table import format_table
+
+OTHER_IMPLEMENTATIONS = ("torch-ring", "sdpa")  # beside the engine's schedules
+
+
+def engine_names() -> tuple[str, ...]:
+    """The implementations that run through `token_ring_attn`: one per registered schedule."""
+    from ..schedules import schedule_names
+
+    return schedule_names()
+
+
+def implementation_names() -> tuple[str, ...]:
+    """Every ``--impl`` choice: the engine's schedules, then torch's ring engine and single-process SDPA."""
+    return (*engine_names(), *OTHER_IMPLEMENTATIONS)
 
 
 # -- what runs on each rank ----------------------------------------------------------
@@ -83,7 +97,7 @@ class Case:
     def problem(self):
         from .problems import Problem
 
-        algorithm = self.impl if self.impl in ENGINE else "tokenring"
+        algorithm = self.impl if self.impl in engine_names() else "tokenring"
         return Problem(
             seed=self.seed, batch=self.batch, seq_len=self.seq_len, q_heads=self.heads, kv_heads=self.kv_heads,
             head_dim=self.head_dim, dtype=self.dtype, causal=self.causal, algorithm=algorithm, backend="cpu",
@@ -176,7 +190,7 @@ def measure(rank: int, world_size: int, case: Case, timeout_s: float) -> dict:
     dout = tokenring.shard(problem.grad_output(), rank, world_size, layout=layout).contiguous()
     os.environ["TOKENRING_TIMEOUT_S"] = str(timeout_s)
 
-    if case.impl in ENGINE:
+    if case.impl in engine_names():
         kwargs = dict(causal=case.causal, group=_GROUP, algorithm=case.impl, backend="cpu")
 
         def forward():
@@ -236,7 +250,7 @@ def measure(rank: int, world_size: int, case: Case, timeout_s: float) -> dict:
 
     # One instrumented call of each kind: time in kernels, waits, and messages alone.
     extra: dict[str, Any] = {}
-    if case.impl in ENGINE:
+    if case.impl in engine_names():
         with timeline.collect() as fwd_lines:
             dist.barrier()
             forward()
@@ -399,42 +413,41 @@ def _rel_err(got, want) -> float:
 # -- the command -------------------------------------------------------------------------
 
 
-def _csv(kind):
-    def parse(text: str):
-        try:
-            values = [kind(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
-        if not values or any(not value > 0 for value in values):
-            raise argparse.ArgumentTypeError(f"expected positive values, got {text!r}")
-        return values
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``bench`` subcommand's options to ``parser``."""
-    parser.add_argument("--impl", default=",".join(IMPLEMENTATIONS),
+    """Add the ``bench`` subcommand's options to ``parser`` (check them with `validate_arguments`)."""
+    from .options import (
+        comma_separated,
+        non_negative_float,
+        non_negative_int,
+        positive_float,
+        positive_int,
+    )
+
+    parser.add_argument("--impl", default=",".join(implementation_names()),
                         help="comma-separated implementations (default: %(default)s)")
-    parser.add_argument("--world-size", type=int, default=4, help="ranks (default: %(default)s)")
-    parser.add_argument("--seq-len", type=_csv(int), default=[4096],
+    parser.add_argument("--world-size", type=positive_int, default=4, help="ranks (default: %(default)s)")
+    parser.add_argument("--seq-len", type=comma_separated(positive_int), default=[4096],
                         help="full sequence length(s), comma-separated to sweep (default: 4096)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads)")
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, default=8)
+    parser.add_argument("--kv-heads", type=positive_int, help="key/value heads (default: --heads)")
+    parser.add_argument("--head-dim", type=positive_int, default=64)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--causal", action="store_true", help="causal mask (zigzag layout)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed forward calls first (default: %(default)s)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed calls per measurement (default: %(default)s)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1,
+                        help="untimed forward calls first (default: %(default)s)")
     parser.add_argument("--network", choices=("loopback", "fullmesh", "switch"), default="loopback",
                         help="loopback, or emulated links between per-rank network namespaces (root)")
-    parser.add_argument("--link-gbps", type=_csv(float), default=[10.0],
+    parser.add_argument("--link-gbps", type=comma_separated(positive_float), default=[10.0],
                         help="emulated link rate(s) per direction in Gbit/s, comma-separated to sweep (default: 10)")
-    parser.add_argument("--latency-us", type=float, default=0.0, help="added one-way latency per link (needs netem)")
-    parser.add_argument("--threads-per-rank", type=int,
+    parser.add_argument("--latency-us", type=non_negative_float, default=0.0,
+                        help="added one-way latency per link (needs netem)")
+    parser.add_argument("--threads-per-rank", type=positive_int,
                         help="torch threads per rank (default: CPU count // world size, at least 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=300.0,
+    parser.add_argument("--timeout", type=positive_float, default=300.0,
                         help="seconds any wait may take before it fails, naming rank and step (default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     parser.add_argument("--trace", metavar="DIR",
@@ -469,35 +482,43 @@ class _Progress:
             print(file=sys.stderr)
 
 
-def command(args: argparse.Namespace) -> int:
-    from .cli import _table
+# torch's CPU flash-attention operator (torch's ring engine, the single-process limit) needs Hq == Hkv.
+_NEED_EQUAL_HEADS = ("torch-ring", "sdpa")
 
+
+def validate_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject what cannot run before starting any process, through ``parser.error`` (exit status 2).
+
+    The problem itself is checked by the same code as ``tokenring run``'s
+    (`tokenring.tools.options.check_problem`); ``args.impl`` becomes a list.
+    """
+    from .options import check_problem
+
+    known = implementation_names()
     impls = [name.strip() for name in args.impl.split(",") if name.strip()]
-    unknown = [name for name in impls if name not in IMPLEMENTATIONS]
+    unknown = [name for name in impls if name not in known]
     if unknown or not impls:
-        print(f"error: argument --impl: unknown {unknown}; choose from {', '.join(IMPLEMENTATIONS)}", file=sys.stderr)
-        return 2
+        parser.error(f"argument --impl: unknown {unknown}; choose from {', '.join(known)}")
+    args.impl = impls
+    check_problem(parser, args, seq_lens=args.seq_len)
+    if args.kv_heads != args.heads and all(name in _NEED_EQUAL_HEADS for name in impls):
+        parser.error(
+            f"argument --impl: {', '.join(impls)} need --kv-heads equal to --heads; "
+            f"add one of {', '.join(engine_names())} to run GQA"
+        )
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run ``tokenring bench`` with arguments checked by `validate_arguments`."""
+    impls = list(args.impl)
     n = args.world_size
-    kv_heads = args.kv_heads or args.heads
-    chunks = 2 * n if args.causal else n
-    for seq_len in args.seq_len:
-        if seq_len % chunks:
-            print(f"error: argument --seq-len: {seq_len} is not divisible by {chunks} "
-                  f"({'2 x ' if args.causal else ''}world size {n})", file=sys.stderr)
-            return 2
-    if args.heads % kv_heads:
-        print(f"error: argument --heads ({args.heads}) must be a multiple of --kv-heads ({kv_heads})", file=sys.stderr)
-        return 2
+    kv_heads = args.kv_heads
     if kv_heads != args.heads:
-        # torch's CPU flash-attention operator (torch's ring engine, the single-process limit) needs Hq == Hkv.
-        dropped = [name for name in impls if name in ("torch-ring", "sdpa")]
+        dropped = [name for name in impls if name in _NEED_EQUAL_HEADS]
         impls = [name for name in impls if name not in dropped]
         if dropped:
             print(f"note: {', '.join(dropped)} skipped: they need --kv-heads equal to --heads (GQA given)", file=sys.stderr)
-        if not impls:
-            print("error: argument --impl: nothing left to run with GQA; add tokenring or ring", file=sys.stderr)
-            return 2
-    threads = args.threads_per_rank or max(1, (os.cpu_count() or 1) // n)
+    threads = args.threads_per_rank
     rates = args.link_gbps if args.network != "loopback" else [None]
 
     network, fallback = _open_network(args, n)
@@ -516,7 +537,7 @@ def command(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "tokenring bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
     }
-    print(_table(_table_rows(rows), right_aligned=tuple(range(3, 13))))
+    print(format_table(_table_rows(rows), right_aligned=tuple(range(3, 13))))
     if fallback:
         print(f"note: --network {args.network} was not available ({fallback}); ran over loopback", file=sys.stderr)
     if args.json:
@@ -627,7 +648,7 @@ def _row(case: Case, network: str, rate, n: int, threads: int, measured, want: d
             "kernel_fwdbwd_s_per_rank": kernel,
             "overhead": statistics.mean(fwdbwd / k for k in kernel) if all(k > 0 for k in kernel) else None,
         }
-        if case.impl in ENGINE:
+        if case.impl in engine_names():
             extra["comm_alone_fwd_s"] = max(r["comm_alone_fwd_s"] for r in measured)
             extra["comm_alone_bwd_s"] = max(r["comm_alone_bwd_s"] for r in measured)
             extra["wait_fwd_s_per_rank"] = [r["wait_fwd_s"] for r in measured]
@@ -705,7 +726,7 @@ def _table_rows(rows: list[dict]) -> list[tuple]:
     for r in rows:
         hidden = (
             f"{_fmt(r.get('hidden_comm_fwd'), '.0%')}/{_fmt(r.get('hidden_comm_bwd'), '.0%')}"
-            if r["impl"] in ENGINE else "-"
+            if r["impl"] in engine_names() else "-"
         )
         table.append((
             r["impl"], r["network"], _fmt(r["link_gbps"], "g"), r["seq_len"],
@@ -731,7 +752,7 @@ def _chart(rows: list[dict], path: str) -> str | None:
     for r in rows:
         if r["impl"] != "sdpa" and (r["seq_len"], r["link_gbps"]) not in configs:
             configs.append((r["seq_len"], r["link_gbps"]))
-    impls = [i for i in IMPLEMENTATIONS if any(r["impl"] == i for r in rows)]
+    impls = [i for i in implementation_names() if any(r["impl"] == i for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(configs) + 4), 4.5), squeeze=False)
     width = 0.8 / max(len(impls), 1)
     network = next((r["network"] for r in rows if r["impl"] != "sdpa"), "loopback")

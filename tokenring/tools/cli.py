@@ -19,6 +19,8 @@ import secrets
 import sys
 from typing import Any, Sequence
 
+from .table import format_table
+
 # Multi-rank runs execute in spawned workers that re-import the main module;
 # this module therefore does nothing at import time beyond definitions.
 
@@ -31,10 +33,15 @@ _USER_ERROR_TYPES = ("tokenring.interfaces.InputError", "tokenring.interfaces.Ba
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, run_parser = _build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "run":
-        _validate_run_args(run_parser, args)
+    parser, subparsers = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        validate = _VALIDATORS.get(args.command)
+        if validate is not None:
+            validate(subparsers[args.command], args)
+    except SystemExit as stop:
+        # argparse has printed the usage and the error naming the flag (or the help).
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     from ..interfaces import BackendError, InputError
     from .launch import WorkerError
 
@@ -60,28 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- argument parsing -----------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser, and each command's subparser (whose usage goes with its errors)."""
+    from ..schedules import schedule_names
+    from . import benchmark, conformance
+    from .options import positive_float, positive_int
 
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
-    return value
-
-
-def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The top-level parser, and the ``run`` subparser (whose usage goes with its errors)."""
     parser = argparse.ArgumentParser(
         prog="tokenring", description="TokenRing: exact sequence-parallel attention."
     )
@@ -96,15 +87,15 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="run one attention call on local ranks, check it against float64 and its traffic against the plan",
     )
     run.add_argument("--backend", default="cpu", help="backend name (default: %(default)s)")
-    run.add_argument("--world-size", type=_positive_int, default=4, help="number of ranks (default: %(default)s)")
-    run.add_argument("--batch", type=_positive_int, default=1, help="batch size (default: %(default)s)")
+    run.add_argument("--world-size", type=positive_int, default=4, help="number of ranks (default: %(default)s)")
+    run.add_argument("--batch", type=positive_int, default=1, help="batch size (default: %(default)s)")
     run.add_argument(
-        "--seq-len", type=_positive_int, default=4096,
+        "--seq-len", type=positive_int, default=4096,
         help="global sequence length, all ranks together (default: %(default)s)",
     )
-    run.add_argument("--heads", type=_positive_int, default=8, help="query heads (default: %(default)s)")
-    run.add_argument("--kv-heads", type=_positive_int, help="key/value heads (default: --heads)")
-    run.add_argument("--head-dim", type=_positive_int, default=64, help="head dimension (default: %(default)s)")
+    run.add_argument("--heads", type=positive_int, default=8, help="query heads (default: %(default)s)")
+    run.add_argument("--kv-heads", type=positive_int, help="key/value heads (default: --heads)")
+    run.add_argument("--head-dim", type=positive_int, default=64, help="head dimension (default: %(default)s)")
     run.add_argument(
         "--dtype", choices=("float32", "float64", "bfloat16", "float16"), default="float32",
         help="dtype of q, k and v (default: %(default)s)",
@@ -119,25 +110,23 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="shard layout (default: zigzag when causal, contiguous otherwise)",
     )
     run.add_argument(
-        "--algorithm", choices=("tokenring", "ring"), default="tokenring", help="schedule (default: %(default)s)"
+        "--algorithm", choices=schedule_names(), default="tokenring", help="schedule (default: %(default)s)"
     )
     run.add_argument(
-        "--repeats", type=_positive_int, default=5, help="timed calls after the checked one (default: %(default)s)"
+        "--repeats", type=positive_int, default=5, help="timed calls after the checked one (default: %(default)s)"
     )
-    run.add_argument("--scale", type=_positive_float, help="softmax scale (default: head_dim ** -0.5)")
+    run.add_argument("--scale", type=positive_float, help="softmax scale (default: head_dim ** -0.5)")
     run.add_argument("--seed", type=int, help="seed of the random inputs (default: random)")
     run.add_argument(
-        "--threads-per-rank", type=_positive_int,
+        "--threads-per-rank", type=positive_int,
         help="torch threads per rank (default: CPU count // world size, at least 1)",
     )
     run.add_argument(
-        "--timeout", type=_positive_float, default=300.0,
+        "--timeout", type=positive_float, default=300.0,
         help="seconds any wait inside a call may take before it fails (default: %(default)s)",
     )
     run.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     run.set_defaults(handler=_run_command)
-
-    from . import benchmark, conformance
 
     bench = commands.add_parser(
         "bench", help="run one problem through several implementations side by side and compare them"
@@ -153,26 +142,25 @@ def _build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     conformance.add_arguments(suite)
     suite.set_defaults(handler=conformance.command)
-    return parser, run
+    return parser, {"backends": backends, "run": run, "bench": bench, "conformance": suite}
 
 
 def _validate_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible problems before starting any process."""
-    if args.kv_heads is None:
-        args.kv_heads = args.heads
-    if args.heads % args.kv_heads:
-        parser.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
-    layout = args.layout or ("zigzag" if args.causal else "contiguous")
-    chunks = args.world_size * (2 if layout == "zigzag" else 1)
-    if args.seq_len % chunks:
-        parser.error(
-            f"--seq-len ({args.seq_len}) must be divisible by {chunks} for the {layout} layout "
-            f"over {args.world_size} ranks"
-        )
-    if args.threads_per_rank is None:
-        args.threads_per_rank = max(1, (os.cpu_count() or 1) // args.world_size)
+    from .options import check_problem
+
+    check_problem(parser, args, seq_lens=[args.seq_len], layout=args.layout)
     if args.seed is None:
         args.seed = secrets.randbelow(2**31)
+
+
+def _validate_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from . import benchmark
+
+    benchmark.validate_arguments(parser, args)
+
+
+_VALIDATORS = {"run": _validate_run_args, "bench": _validate_bench_args}
 
 
 def _error(message: str) -> None:
@@ -207,23 +195,10 @@ def _backends_command(args: argparse.Namespace) -> int:
         rows.append(
             (info["name"], info["distribution"], "yes" if info["available"] else "no", info["device_type"] or "-", notes)
         )
-    print(_table(rows))
+    print(format_table(rows))
     if not entries:
         print("no backends found (is a backend distribution installed, or plugin autoload disabled?)")
     return EXIT_OK
-
-
-def _table(rows: Sequence[Sequence[Any]], right_aligned: Sequence[int] = ()) -> str:
-    cells = [[str(cell) for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = []
-    for row in cells:
-        padded = [
-            cell.rjust(width) if i in right_aligned else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(row, widths))
-        ]
-        lines.append("  ".join(padded).rstrip())
-    return "\n".join(lines)
 
 
 # -- tokenring run --------------------------------------------------------------
@@ -396,5 +371,5 @@ def _traffic_table(title: str, measured: dict[tuple[int, int, int], int], planne
     for step, src, dst in sorted(set(measured) | set(planned)):
         got, want = measured.get((step, src, dst), 0), planned.get((step, src, dst), 0)
         rows.append((step, f"{src}->{dst}", got, want, "" if got == want else "<-- differs"))
-    table = _table(rows, right_aligned=(0, 2, 3)).replace("\n", "\n  ")
+    table = format_table(rows, right_aligned=(0, 2, 3)).replace("\n", "\n  ")
     return f"{title}: {sum(measured.values())} bytes in all\n  {table}"
