@@ -1,37 +1,51 @@
-"""The schedules themselves, checked symbolically: no processes, no tensors."""
+"""The registered schedules themselves, checked symbolically: no processes, no tensors."""
 
 import itertools
 
 import pytest
 
+from tokenring.backward import derive_backward
 from tokenring.interfaces import Mask
-from tokenring.plan import Algorithm, Part, Payload, ProblemShape, build_plan
+from tokenring.layout import Layout
+from tokenring.plan import ALL, SECOND, Block, Payload, Plan, ProblemShape, Step
 from tokenring.plancheck import PlanError, check_plan, work_per_rank
+from tokenring.schedules import build_plan, schedule_names
+from tokenring.schedules.hops import cheaper_direction, one_hop_steps
 
 WORLD_SIZES = [1, 2, 3, 4, 5, 8]
-VARIANTS = list(itertools.product(["tokenring", "ring"], ["contiguous", "zigzag"], [False, True]))
+MASKS = list(itertools.product(["contiguous", "zigzag"], [False, True]))
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("algorithm,layout,causal", VARIANTS)
-@pytest.mark.parametrize("direction", [1, -1])
+@pytest.mark.parametrize("layout,causal", MASKS)
+@pytest.mark.parametrize("algorithm", schedule_names())
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
-def test_every_query_meets_every_visible_key_exactly_once(algorithm, layout, causal, world_size, direction, backward):
-    check_plan(build_plan(algorithm, layout, causal, world_size, direction, backward=backward))
+def test_every_query_meets_every_visible_key_exactly_once(algorithm, layout, causal, world_size, backward):
+    check_plan(build_plan(algorithm, layout, causal, world_size, backward=backward))
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
-def test_causal_zigzag_gives_every_rank_the_same_work_at_every_step(algorithm, world_size):
+@pytest.mark.parametrize("layout,causal", MASKS)
+@pytest.mark.parametrize("moves", ["queries", "keys"])
+@pytest.mark.parametrize("direction", [1, -1])
+def test_one_hop_walks_are_exact_either_way_round(moves, layout, causal, world_size, direction):
+    steps = one_hop_steps(moves == "queries", Layout(layout), causal, world_size, direction)
+    plan = Plan("walk", Layout(layout), causal, world_size, steps)
+    check_plan(plan)
+    check_plan(derive_backward(plan))
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("algorithm", schedule_names())
+def test_causal_zigzag_gives_every_rank_the_same_work_at_every_compute_step(algorithm, world_size):
     plan = build_plan(algorithm, "zigzag", True, world_size)
     for index, work in enumerate(work_per_rank(plan)):
-        if index < world_size:
+        if any(work):
             assert len(set(work)) == 1, f"step {index}: work per rank {work}"
-    off_diagonal = [step.blocks[0].work for step in plan.steps[1:world_size]]
-    assert all(w == 2.0 for w in off_diagonal), "each off-diagonal step is half a block (2 of 4 half-units)"
+            assert work[0] == 0.5, "the diagonal block and each off-diagonal half block are half a shard squared"
 
 
-@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+@pytest.mark.parametrize("algorithm", schedule_names())
 @pytest.mark.parametrize("causal", [False, True])
 def test_world_of_one_sends_nothing_and_computes_once(algorithm, causal):
     plan = build_plan(algorithm, "zigzag" if causal else "contiguous", causal, 1)
@@ -44,18 +58,19 @@ def test_world_of_one_sends_nothing_and_computes_once(algorithm, causal):
 @pytest.mark.parametrize("world_size", [2, 3, 4, 8])
 def test_tokenring_moves_queries_and_partials_never_keys(world_size):
     plan = build_plan("tokenring", "contiguous", False, world_size)
+    direction, _ = cheaper_direction(True, Layout.CONTIGUOUS, False, world_size)
+    assert plan.note == "queries travel r -> r+1"
     payloads = {t.payload for _, t in plan.transfers()}
     assert payloads == {Payload.QUERY, Payload.PARTIAL}
     assert len(plan.steps) == world_size + 1
     # The query hops one rank per step; the partial goes straight back to its owner.
     for index, t in plan.transfers():
         if t.payload is Payload.QUERY:
-            assert (t.dst - t.src) % world_size == plan.direction % world_size
-            assert (t.src - t.owner) % world_size == (index * plan.direction) % world_size
+            assert (t.dst - t.src) % world_size == direction % world_size
+            assert (t.src - t.owner) % world_size == (index * direction) % world_size
         else:
             assert t.dst == t.owner
-            assert (t.src - t.owner) % world_size == ((index - 1) * plan.direction) % world_size
-    # every rank merges exactly N-1 partials
+            assert (t.src - t.owner) % world_size == ((index - 1) * direction) % world_size
     for rank in range(world_size):
         merged = [t for _, t in plan.transfers() if t.payload is Payload.PARTIAL and t.dst == rank]
         assert len(merged) == world_size - 1
@@ -72,18 +87,18 @@ def test_ring_moves_only_keys_and_values(world_size):
 def test_causal_zigzag_tokenring_sends_half_queries_after_the_wrap(world_size):
     plan = build_plan("tokenring", "zigzag", True, world_size)
     if world_size > 2:  # at N = 2 both directions are the same ring
-        assert plan.direction == -1
-    query_parts = [t.part for _, t in plan.transfers() if t.payload is Payload.QUERY]
-    partial_parts = [t.part for _, t in plan.transfers() if t.payload is Payload.PARTIAL]
-    # Q_j visits ranks below j (need all of it), then ranks above j (second half only).
+        assert plan.note == "queries travel r -> r-1"
+    query_spans = [t.span for _, t in plan.transfers() if t.payload is Payload.QUERY]
+    partial_spans = [t.span for _, t in plan.transfers() if t.payload is Payload.PARTIAL]
+    # Q_j visits ranks below j (need all of it), then ranks above j (second chunk only).
     n = world_size
-    assert query_parts.count(Part.SECOND) == n * (n - 1) // 2
-    assert query_parts.count(Part.ALL) == n * (n - 1) - n * (n - 1) // 2
-    assert partial_parts.count(Part.SECOND) == n * (n - 1) // 2
+    assert query_spans.count(SECOND) == n * (n - 1) // 2
+    assert query_spans.count(ALL) == n * (n - 1) - n * (n - 1) // 2
+    assert partial_spans.count(SECOND) == n * (n - 1) // 2
 
 
 def test_traffic_per_step_matches_the_design_table():
-    # DESIGN §4, MHA, contiguous non-causal: Q is L*H*D elements, out+lse L*H*D + L*H.
+    # docs/design.md, "Traffic": MHA, contiguous non-causal: Q is L*H*D elements, out+lse L*H*D + L*H.
     shape = ProblemShape(batch=1, seq_local=128, q_heads=8, kv_heads=8, head_dim=64, itemsize=2, acc_itemsize=4)
     n = 4
     tokenring = build_plan("tokenring", "contiguous", False, n).link_bytes(shape)
@@ -108,31 +123,55 @@ def test_gqa_makes_the_ring_cheaper_and_the_plan_says_so():
     assert ring < tokenring
 
 
-def test_the_checker_catches_a_broken_plan():
+def _replace_step(plan: Plan, index: int, step: Step) -> Plan:
+    steps = list(plan.steps)
+    steps[index] = step
+    return Plan(plan.algorithm, plan.layout, plan.causal, plan.world_size, tuple(steps), plan.backward)
+
+
+def test_the_checker_catches_a_block_that_computes_too_much():
     good = build_plan("tokenring", "zigzag", True, 3)
     step = good.steps[1]
-    broken_block = step.blocks[0].__class__(**{**step.blocks[0].__dict__, "mask": Mask.NONE, "q_part": Part.ALL, "kv_part": Part.ALL})
-    broken = good.__class__(
-        **{**good.__dict__, "steps": (good.steps[0], step.__class__(step.index, (broken_block,) + step.blocks[1:], step.transfers)) + good.steps[2:]}
-    )
+    wide = Block(step.blocks[0].rank, step.blocks[0].q_owner, ALL, step.blocks[0].kv_owner, ALL, Mask.NONE)
     with pytest.raises(PlanError):
-        check_plan(broken)
-    dropped = good.__class__(**{**good.__dict__, "steps": good.steps[:-1]})
+        check_plan(_replace_step(good, 1, Step(step.index, (wide,) + step.blocks[1:], step.transfers)))
+
+
+def test_the_checker_catches_a_result_never_sent():
+    good = build_plan("tokenring", "zigzag", True, 3)
     with pytest.raises(PlanError, match="never sends"):
-        check_plan(dropped)
+        check_plan(Plan(good.algorithm, good.layout, good.causal, 3, good.steps[:-1]))
+
+
+def test_the_checker_catches_dk_dv_that_never_come_home():
     ring = build_plan("ring", "contiguous", False, 3, backward=True)
-    without_last_grads = ring.__class__(**{**ring.__dict__, "steps": ring.steps[:-1]})
     with pytest.raises(PlanError, match="dk/dv"):
-        check_plan(without_last_grads)
+        check_plan(Plan(ring.algorithm, ring.layout, ring.causal, 3, ring.steps[:-1], backward=True))
 
 
-def test_bad_plan_arguments_are_rejected():
-    with pytest.raises(ValueError, match="algorithm"):
-        build_plan("ulysses", "contiguous", False, 2)
-    with pytest.raises(ValueError, match="layout"):
-        build_plan(Algorithm.RING, "striped", False, 2)
-    with pytest.raises(ValueError, match="world_size"):
-        build_plan("ring", "contiguous", False, 0)
+def test_the_checker_catches_a_message_used_before_it_arrives():
+    good = build_plan("ring", "contiguous", False, 3)
+    # Deliver step 0's keys/values one step late: step 1's blocks then use what has not arrived.
+    late = (Step(0, good.steps[0].blocks, ()), Step(1, good.steps[1].blocks, good.steps[0].transfers)) + good.steps[2:]
+    with pytest.raises(PlanError, match="does not hold"):
+        check_plan(Plan(good.algorithm, good.layout, good.causal, 3, late))
+
+
+def test_the_checker_catches_a_duplicated_block():
+    good = build_plan("ring", "contiguous", False, 2)
+    step = good.steps[0]
+    with pytest.raises(PlanError, match="extra/duplicated"):
+        check_plan(_replace_step(good, 0, Step(0, step.blocks + step.blocks[:1], step.transfers)))
+
+
+@pytest.mark.parametrize("call,match", [
+    (("ulysses", "contiguous", False, 2), "algorithm"),
+    (("ring", "striped", False, 2), "layout"),
+    (("ring", "contiguous", False, 0), "world_size"),
+])
+def test_bad_plan_arguments_are_rejected(call, match):
+    with pytest.raises(ValueError, match=match):
+        build_plan(*call)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4, 8])
@@ -142,7 +181,6 @@ def test_tokenring_backward_never_moves_keys_values_or_their_gradients(world_siz
     forward = build_plan("tokenring", "zigzag" if causal else "contiguous", causal, world_size)
     assert {t.payload for _, t in plan.transfers()} == {Payload.GRAD_QUERY, Payload.GRAD_PARTIAL}
     assert [s.blocks for s in plan.steps] == [s.blocks for s in forward.steps]
-    assert plan.direction == forward.direction
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4, 8])
@@ -151,5 +189,5 @@ def test_ring_backward_returns_every_dk_dv_sum_to_its_owner_one_hop_at_a_time(wo
     grads = [(i, t) for i, t in plan.transfers() if t.payload is Payload.GRAD_KEY_VALUE]
     assert len(grads) == world_size * (world_size - 1)
     for _, t in grads:
-        assert (t.dst - t.src) % world_size == plan.direction % world_size
+        assert (t.dst - t.src) % world_size == 1
     assert len(plan.steps) == world_size + 1

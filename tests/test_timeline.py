@@ -1,12 +1,15 @@
-"""Timeline events: recorded only when someone listens, one compute per block, ordered in time."""
+"""Timeline events: recorded only when someone listens, one compute per block, ordered in time, on 1 to 3 ranks."""
 
+import pytest
 import torch
 
 from tokenring import timeline
 from tokenring.executor import Executor
 from tokenring.interfaces import Comm
-from tokenring.plan import build_plan
+from tokenring.schedules import build_plan, schedule_names
 from tokenring_cpu.kernel import CpuSdpaKernel
+
+from threaded_world import run_plan
 
 
 class _LoneComm(Comm):
@@ -28,7 +31,7 @@ def _inputs():
 
 def test_nothing_is_recorded_without_a_listener(monkeypatch):
     monkeypatch.setattr(timeline, "_plugin_hook", lambda: None)
-    assert timeline.recorder(0, 1, "tokenring", False) is None
+    assert timeline.recorder(0, 1, "tokenring", False) is timeline.NO_RECORDER
     calls = []
     monkeypatch.setattr(timeline, "_plugin_hook", lambda: lambda timeline: calls.append(timeline))
     recorder = timeline.recorder(0, 1, "tokenring", False)
@@ -57,3 +60,36 @@ def test_collect_receives_one_timeline_per_pass_with_ordered_events():
     with timeline.collect() as silenced, timeline.quiet():
         executor.forward(plan, q, k, v, scale=0.3, timeout_s=5)
     assert silenced == []
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("algorithm", schedule_names())
+def test_every_rank_records_its_posts_waits_and_arrivals(algorithm, world_size):
+    plan = build_plan(algorithm, "zigzag", True, world_size)
+    backward = build_plan(algorithm, "zigzag", True, world_size, backward=True)
+    gen = torch.Generator().manual_seed(1)
+    shards = [[torch.randn(1, 8, 2, 8, generator=gen) for _ in range(3)] for _ in range(world_size)]
+    douts = [torch.randn(1, 8, 2, 8, generator=gen) for _ in range(world_size)]
+    with timeline.collect() as got:
+        run_plan(plan, shards, scale=0.3, backward_plan=backward, douts=douts)
+    assert sorted((t.rank, t.backward) for t in got) == sorted((r, b) for r in range(world_size) for b in (False, True))
+    for t in got:
+        this_plan = backward if t.backward else plan
+        assert (t.world_size, t.algorithm) == (world_size, algorithm)
+        posts = [e for e in t.events if e.kind == timeline.POST]
+        sending = [s.index for s in this_plan.steps if any(x.src == t.rank or x.dst == t.rank for x in s.transfers)]
+        assert [e.step for e in posts] == sending
+        assert [e.step for e in t.events if e.kind == timeline.WAIT] == sending
+        for post in posts:
+            step = this_plan.steps[post.step]
+            assert post.detail["bytes_out"] + post.detail["bytes_in"] > 0
+            assert set(post.detail["sends"]) == {x.dst for x in step.transfers if x.src == t.rank}
+        arrived = [p for e in t.events if e.kind == timeline.MERGE for p in e.detail.get("arrived", ())]
+        assert len(arrived) == sum(1 for _, x in this_plan.transfers() if x.dst == t.rank)
+        computes = [e for e in t.events if e.kind == timeline.COMPUTE]
+        assert len(computes) == sum(len(s.blocks_of(t.rank)) for s in this_plan.steps)
+        # Within a step: the post comes before the compute, the compute before the wait.
+        for post in posts:
+            wait = next(e for e in t.events if e.kind == timeline.WAIT and e.step == post.step)
+            for c in (c for c in computes if c.step == post.step):
+                assert post.end_s <= c.start_s <= c.end_s <= wait.start_s

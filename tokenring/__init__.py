@@ -1,7 +1,7 @@
 """TokenRing: exact sequence-parallel attention where keys and values stay put.
 
 Public surface: `token_ring_attn`, `shard`/`unshard`, the backend interfaces,
-the plan builder, and the error types. Everything else is private.
+the plan model and the schedules, and the error types. Everything else is private.
 """
 
 from .hookspecs import hookimpl, hookspec
@@ -23,7 +23,8 @@ from .interfaces import (
     TokenRingError,
 )
 from .layout import Layout, shard, unshard
-from .plan import Algorithm, Plan, ProblemShape, build_plan
+from .plan import Plan, ProblemShape, Schedule, Span
+from .schedules import build_plan, schedule_names
 from .api import record_traffic, token_ring_attn
 from .reference import reference_attention
 from .registry import registry
@@ -32,7 +33,6 @@ from . import nn, sequence  # noqa: E402  (drop-in module and batch helpers: tok
 __version__ = "0.1.0"
 
 __all__ = [
-    "Algorithm",
     "AttentionKernel",
     "Backend",
     "BackendError",
@@ -48,6 +48,8 @@ __all__ = [
     "Plan",
     "Probe",
     "ProblemShape",
+    "Schedule",
+    "Span",
     "Recv",
     "Send",
     "TokenRingError",
@@ -58,6 +60,7 @@ __all__ = [
     "record_traffic",
     "reference_attention",
     "registry",
+    "schedule_names",
     "sequence",
     "shard",
     "token_ring_attn",

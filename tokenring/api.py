@@ -13,7 +13,7 @@ import torch
 from .executor import Executor
 from .interfaces import Backend, BackendError, InputError, LinkTraffic, TokenRingError
 from .layout import Layout, default_layout
-from .plan import Algorithm, build_plan
+from .schedules import build_plan
 from .registry import registry
 from .validation import agree, call_signature, local_problem
 
@@ -161,10 +161,10 @@ def token_ring_attn(
     wait_s = timeout_s()
     agree(comm, signature, problem, timeout_s=wait_s, error=BackendError if backend_problem else InputError)
 
-    plan = build_plan(Algorithm(algorithm), Layout(layout), causal, comm.world_size)
+    plan = build_plan(algorithm, Layout(layout), causal, comm.world_size)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     if needs_grad:
-        backward_plan = build_plan(Algorithm(algorithm), Layout(layout), causal, comm.world_size, backward=True)
+        backward_plan = build_plan(algorithm, Layout(layout), causal, comm.world_size, backward=True)
         out, lse = _Attention.apply(q, k, v, executor, plan, backward_plan, scale, wait_s)
     else:
         with _recording(comm):

@@ -41,6 +41,32 @@ def tokenring_register_backends(register):
 
 
 # ---------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def tokenring_register_schedules(register):
+    """Register the schedules this plugin provides.
+
+    Called once per process, the first time TokenRing needs its schedules.
+    The first-party schedules (each module of `tokenring.schedules` that
+    implements this hook) register first, through this same hook.
+
+    :param register: call ``register(schedule)`` once per schedule, where
+        ``schedule`` is a `tokenring.Schedule`: a name, a one-line summary and
+        ``build(layout, causal, world_size) -> Plan``, the forward plan (the
+        backward is derived from it). A name already taken or an invalid
+        record is refused and reported (``tokenring plan --list`` shows the
+        distribution and the reason); the plugin's other registrations count.
+        Every plan a schedule builds is proven by `tokenring.plancheck` before
+        it runs, the first time it is built.
+
+    Return value: ignored. Every plugin's implementation is called.
+    """
+
+
+# ---------------------------------------------------------------------------
 # Observation
 # ---------------------------------------------------------------------------
 
@@ -57,7 +83,7 @@ def tokenring_timeline(timeline):
     to a file or a list) and do not call collectives.
 
     :param timeline: a `tokenring.timeline.Timeline`: ``rank``,
-        ``world_size``, ``algorithm`` ("tokenring" or "ring"), ``backward``
+        ``world_size``, ``algorithm`` (the schedule's name), ``backward``
         and ``events``, each a `tokenring.timeline.Event` with ``kind``
         ("post": the step's messages handed to the Comm; "compute": one block
         kernel; "wait": blocked on the step's messages; "merge": results

@@ -1,77 +1,96 @@
-"""Schedules as data.
+"""Schedules as data: the plan model.
 
-A `Plan` says, for every step, which block each rank computes (whose queries,
-which part of them, against whose keys/values, under which mask) and which
-messages go where. One executor runs any plan; the same plan gives the exact
-traffic per directed link, the work per rank, and the tests of the schedule
-itself, without any process.
+A `Plan` says, for every step, which blocks each rank computes (whose
+queries, which span of them, against whose keys/values, which span, under
+which mask) and which messages go where. One executor runs any plan; the same
+plan gives the exact traffic per directed link, the work per rank, and the
+proof of the schedule itself (`tokenring.plancheck`), without any process.
 
-Two algorithms are built here:
+The model (docs/design.md, "The plan model"):
 
-* ``tokenring``: keys/values never move. Queries travel one hop per step on
-  the QUERY channel; each partial result (out, lse) goes straight back to the
-  query's owner, one step after it was computed, on the PARTIAL channel. A
-  final step carries the last partials.
-* ``ring`` (Ring-Attention, the baseline): keys/values travel one hop per step
-  and every partial result is merged where it was computed.
-
-Both can run either way round the ring. The builder sends only the part of a
-travelling tensor that some later holder still needs, and picks the direction
-that moves fewer bytes (ties go to r -> r+1). For TokenRing on the causal
-zigzag layout that is r -> r-1: a query first visits the ranks whose chunks
-both precede its own second chunk (they need all of it), then, after the
-wrap, the ranks that only see its second half, so only that half travels on.
+* A `Span` is any contiguous piece of one rank's shard, as a fraction of it:
+  ``Span.chunks(a, b, n)`` is chunks [a, b) of the shard cut into n equal
+  chunks. Query and key/value shards may have different lengths; a span
+  means the same fraction of each.
+* A step may hold any number of blocks per rank and any number of messages
+  per pair. Messages are posted before the step's compute and have arrived
+  once the step is waited on.
+* Builders (one per schedule, in `tokenring.schedules`) write forward plans;
+  the gradient pass of any forward plan is derived by `tokenring.backward`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import functools
 import math
-from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Callable, Iterable, Iterator
 
 from .interfaces import Channel, LinkTraffic, Mask
-from .layout import Layout, parse_layout
+from .layout import Layout
 
 
-class Algorithm(str, enum.Enum):
-    TOKENRING = "tokenring"
-    RING = "ring"
+@dataclass(frozen=True)
+class Span:
+    """The rows [start, stop) of a shard, as fractions of its length (0 <= start < stop <= 1)."""
 
+    start: Fraction
+    stop: Fraction
 
-def parse_algorithm(algorithm: "Algorithm | str") -> Algorithm:
-    try:
-        return Algorithm(algorithm)
-    except ValueError:
-        choices = ", ".join(repr(a.value) for a in Algorithm)
-        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {choices}") from None
+    def __post_init__(self) -> None:
+        start, stop = Fraction(self.start), Fraction(self.stop)
+        if not 0 <= start < stop <= 1:
+            raise ValueError(f"a span needs 0 <= start < stop <= 1, got [{start}, {stop})")
+        object.__setattr__(self, "start", start)
+        object.__setattr__(self, "stop", stop)
 
-
-class Part(str, enum.Enum):
-    """A part of one rank's local shard. Halves exist only in the zigzag layout."""
-
-    ALL = "all"
-    FIRST = "first"
-    SECOND = "second"
-
-    def union(self, other: "Part | None") -> "Part":
-        if other is None or other is self:
-            return self
-        return Part.ALL
-
-    def contains(self, other: "Part") -> bool:
-        return self is Part.ALL or self is other
+    @classmethod
+    def chunks(cls, first: int, stop: int, of: int) -> "Span":
+        """Chunks [first, stop) of a shard cut into ``of`` equal chunks."""
+        return cls(Fraction(first, of), Fraction(stop, of))
 
     @property
-    def halves(self) -> int:
-        return 2 if self is Part.ALL else 1
+    def fraction(self) -> Fraction:
+        return self.stop - self.start
+
+    @property
+    def denominator(self) -> int:
+        """The fewest equal chunks a shard must be cut into for this span to be whole chunks."""
+        return math.lcm(self.start.denominator, self.stop.denominator)
+
+    def rows(self, length: int) -> tuple[int, int]:
+        """(offset, count) of this span in a shard of ``length`` rows."""
+        offset, end = self.start * length, self.stop * length
+        if offset.denominator != 1 or end.denominator != 1:
+            raise ValueError(f"span {self} does not fall on whole rows of a shard of {length}")
+        return int(offset), int(end - offset)
+
+    def contains(self, other: "Span") -> bool:
+        return self.start <= other.start and other.stop <= self.stop
+
+    def hull(self, other: "Span | None") -> "Span":
+        """The smallest span covering both."""
+        if other is None:
+            return self
+        return Span(min(self.start, other.start), max(self.stop, other.stop))
+
+    def within(self, outer: "Span") -> "Span":
+        """This span as a fraction of ``outer``, which must contain it."""
+        if not outer.contains(self):
+            raise ValueError(f"span {self} is not inside {outer}")
+        return Span((self.start - outer.start) / outer.fraction, (self.stop - outer.start) / outer.fraction)
+
+    def __str__(self) -> str:
+        if self == ALL:
+            return "all"
+        n = self.denominator
+        return f"[{self.start * n}:{self.stop * n})/{n}"
 
 
-class Pass(str, enum.Enum):
-    FORWARD = "forward"
-    BACKWARD = "backward"
+ALL = Span(Fraction(0), Fraction(1))
+FIRST = Span.chunks(0, 1, 2)   # the first of a zigzag shard's two chunks
+SECOND = Span.chunks(1, 2, 2)  # the second
 
 
 class Payload(str, enum.Enum):
@@ -89,57 +108,68 @@ class Payload(str, enum.Enum):
         results = (Payload.PARTIAL, Payload.GRAD_PARTIAL, Payload.GRAD_KEY_VALUE)
         return Channel.PARTIAL if self in results else Channel.QUERY
 
+    @property
+    def of_keys(self) -> bool:
+        """Rows of the owner's key/value shard, not of its query shard."""
+        return self in (Payload.KEY_VALUE, Payload.GRAD_KEY_VALUE)
 
-class Section(NamedTuple):
+
+@dataclass(frozen=True)
+class Section:
     """One tensor inside a message."""
 
     name: str
     shape: tuple[int, ...]
     accumulator: bool  # in the accumulation dtype (float32/float64), else in the inputs' dtype
+    seq_dim: int       # the dimension along which a span narrows it
 
 
 @dataclass(frozen=True)
 class Block:
-    """One kernel call: ``rank`` computes q_owner's q_part against kv_owner's kv_part."""
+    """One kernel call: ``rank`` computes q_owner's q_span against kv_owner's kv_span."""
 
     rank: int
     q_owner: int
-    q_part: Part
+    q_span: Span
     kv_owner: int
-    kv_part: Part
+    kv_span: Span
     mask: Mask
 
     @property
-    def work(self) -> float:
-        """Score-matrix entries computed, in units of (half shard)^2."""
-        area = self.q_part.halves * self.kv_part.halves
-        return area / 2 if self.mask is Mask.CAUSAL else float(area)
+    def work(self) -> Fraction:
+        """Score-matrix entries computed, as a fraction of one shard-by-shard block."""
+        area = self.q_span.fraction * self.kv_span.fraction
+        return area / 2 if self.mask is Mask.CAUSAL else area
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """One message: ``src`` sends ``part`` of ``owner``'s ``payload`` to ``dst``."""
+    """One message: ``src`` sends ``span`` of ``owner``'s ``payload`` to ``dst``."""
 
     src: int
     dst: int
     payload: Payload
     owner: int
-    part: Part
+    span: Span
 
 
 @dataclass(frozen=True)
 class Step:
     index: int
-    blocks: tuple[Block, ...]        # at most one per rank
+    blocks: tuple[Block, ...]        # any number per rank, computed in this order
     transfers: tuple[Transfer, ...]  # posted before the step's compute, waited after it
 
-    def block_of(self, rank: int) -> Block | None:
-        return next((b for b in self.blocks if b.rank == rank), None)
+    def blocks_of(self, rank: int) -> tuple[Block, ...]:
+        return tuple(b for b in self.blocks if b.rank == rank)
 
 
 @dataclass(frozen=True)
 class ProblemShape:
-    """Per-rank sizes that turn a plan's parts into bytes."""
+    """Per-rank sizes that turn a plan's spans into bytes.
+
+    ``seq_local`` is the length of each rank's query shard; ``kv_len`` that of
+    its key/value shard (None: the same).
+    """
 
     batch: int
     seq_local: int
@@ -148,29 +178,36 @@ class ProblemShape:
     head_dim: int
     itemsize: int          # bytes per element of q, k, v
     acc_itemsize: int = 4  # accumulation dtype: float32, or float64 for float64 inputs
+    kv_len: int | None = None
 
-    def part_len(self, part: Part) -> int:
-        return self.seq_local if part is Part.ALL else self.seq_local // 2
+    @property
+    def kv_seq(self) -> int:
+        return self.seq_local if self.kv_len is None else self.kv_len
 
-    def sections(self, payload: Payload, part: Part) -> tuple[Section, ...]:
+    def span_len(self, payload: Payload, span: Span) -> int:
+        return span.rows(self.kv_seq if payload.of_keys else self.seq_local)[1]
+
+    def sections(self, payload: Payload, span: Span) -> tuple[Section, ...]:
         """The tensors one message carries, in order."""
-        length = self.part_len(part)
+        length = self.span_len(payload, span)
         rows = (self.batch, length, self.q_heads, self.head_dim)
         key_value = (2, self.batch, length, self.kv_heads, self.head_dim)
-        lse = Section("lse", (self.batch, self.q_heads, length), True)
+        lse = Section("lse", (self.batch, self.q_heads, length), True, 2)
         if payload is Payload.QUERY:
-            return (Section("q", rows, False),)
+            return (Section("q", rows, False, 1),)
         if payload is Payload.KEY_VALUE:
-            return (Section("kv", key_value, False),)
+            return (Section("kv", key_value, False, 2),)
         if payload is Payload.PARTIAL:
-            return (Section("out", rows, False), lse)
+            return (Section("out", rows, False, 1), lse)
         if payload is Payload.GRAD_QUERY:
-            return (Section("q", rows, False), Section("dout", rows, False), Section("out", rows, False), lse)
+            return (
+                Section("q", rows, False, 1), Section("dout", rows, False, 1), Section("out", rows, False, 1), lse,
+            )
         if payload is Payload.GRAD_PARTIAL:
-            return (Section("dq", rows, False),)
-        return (Section("dkv", key_value, True),)
+            return (Section("dq", rows, False, 1),)
+        return (Section("dkv", key_value, True, 2),)
 
-    def section_spans(self, payload: Payload, part: Part) -> list[tuple[Section, int, int]]:
+    def section_spans(self, payload: Payload, span: Span) -> list[tuple[Section, int, int]]:
         """(section, byte offset, byte length) of each section of a packed message.
 
         Every section but the last is padded to a multiple of 8 bytes so the
@@ -178,26 +215,26 @@ class ProblemShape:
         """
         spans = []
         offset = 0
-        for section in self.sections(payload, part):
+        for section in self.sections(payload, span):
             nbytes = math.prod(section.shape) * (self.acc_itemsize if section.accumulator else self.itemsize)
             spans.append((section, offset, nbytes))
             offset += -(-nbytes // 8) * 8
         return spans
 
-    def payload_bytes(self, payload: Payload, part: Part) -> int:
-        _, offset, nbytes = self.section_spans(payload, part)[-1]
+    def payload_bytes(self, payload: Payload, span: Span) -> int:
+        _, offset, nbytes = self.section_spans(payload, span)[-1]
         return offset + nbytes
 
 
 @dataclass(frozen=True)
 class Plan:
-    algorithm: Algorithm
+    algorithm: str         # the name of the schedule that built it
     layout: Layout
     causal: bool
     world_size: int
-    direction: int  # +1: travelling tensors go r -> r+1; -1: r -> r-1
     steps: tuple[Step, ...]
     backward: bool = False  # the gradient pass of the same schedule
+    note: str = field(default="", compare=False)  # the builder's word on this instance, e.g. its direction
 
     def transfers(self) -> Iterator[tuple[int, Transfer]]:
         for step in self.steps:
@@ -207,25 +244,58 @@ class Plan:
     def link_bytes(self, shape: ProblemShape) -> list[LinkTraffic]:
         """Bytes per (step, src, dst), summed over the messages of that link and step."""
         return sum_by_link(
-            LinkTraffic(index, t.src, t.dst, shape.payload_bytes(t.payload, t.part)) for index, t in self.transfers()
+            LinkTraffic(index, t.src, t.dst, shape.payload_bytes(t.payload, t.span)) for index, t in self.transfers()
         )
 
-    def describe(self) -> str:
-        lines = [
-            f"{self.algorithm.value} plan, {self.layout.value} layout, "
-            f"{'causal' if self.causal else 'non-causal'}, N={self.world_size}, direction {self.direction:+d}"
-            f"{', backward' if self.backward else ''}"
-        ]
+    def describe(self, shape: ProblemShape | None = None) -> str:
+        """The plan step by step; with ``shape``, the bytes of each message and per directed link."""
+        header = (
+            f"{self.algorithm} plan, {self.layout.value} layout, {'causal' if self.causal else 'non-causal'}, "
+            f"N={self.world_size}{', backward' if self.backward else ''}"
+        )
+        lines = [header + (f" ({self.note})" if self.note else "")]
         for step in self.steps:
             lines.append(f"step {step.index}:")
             for b in step.blocks:
                 lines.append(
-                    f"  rank {b.rank}: q[{b.q_owner}].{b.q_part.value} x kv[{b.kv_owner}].{b.kv_part.value}"
-                    f" mask={b.mask.value}"
+                    f"  rank {b.rank} computes q[{b.q_owner}].{b.q_span} x kv[{b.kv_owner}].{b.kv_span} mask={b.mask.value}"
                 )
             for t in step.transfers:
-                lines.append(f"  {t.src} -> {t.dst}: {t.payload.value}[{t.owner}].{t.part.value}")
+                size = f" ({shape.payload_bytes(t.payload, t.span)} B)" if shape is not None else ""
+                lines.append(f"  {t.src} -> {t.dst}: {t.payload.value}[{t.owner}].{t.span}{size}")
+        if shape is not None:
+            totals: dict[tuple[int, int], int] = {}
+            for traffic in self.link_bytes(shape):
+                totals[(traffic.src, traffic.dst)] = totals.get((traffic.src, traffic.dst), 0) + traffic.bytes
+            lines.append("bytes per directed link:")
+            lines += [f"  {src} -> {dst}: {n}" for (src, dst), n in sorted(totals.items())] or ["  none"]
         return "\n".join(lines)
+
+    def to_json(self, shape: ProblemShape | None = None) -> dict:
+        def span(s: Span) -> list[str]:
+            return [str(s.start), str(s.stop)]
+
+        steps = []
+        for step in self.steps:
+            blocks = [
+                {"rank": b.rank, "q_owner": b.q_owner, "q_span": span(b.q_span), "kv_owner": b.kv_owner,
+                 "kv_span": span(b.kv_span), "mask": b.mask.value}
+                for b in step.blocks
+            ]
+            transfers = []
+            for t in step.transfers:
+                entry = {"src": t.src, "dst": t.dst, "payload": t.payload.value, "owner": t.owner, "span": span(t.span)}
+                if shape is not None:
+                    entry["bytes"] = shape.payload_bytes(t.payload, t.span)
+                transfers.append(entry)
+            steps.append({"step": step.index, "blocks": blocks, "transfers": transfers})
+        data = {
+            "algorithm": self.algorithm, "layout": self.layout.value, "causal": self.causal,
+            "world_size": self.world_size, "backward": self.backward, "note": self.note, "steps": steps,
+        }
+        if shape is not None:
+            data["link_bytes"] = [t.to_json() for t in self.link_bytes(shape)]
+        return data
 
 
 def sum_by_link(messages: Iterable[LinkTraffic]) -> list[LinkTraffic]:
@@ -236,154 +306,38 @@ def sum_by_link(messages: Iterable[LinkTraffic]) -> list[LinkTraffic]:
     return [LinkTraffic(step, src, dst, n) for (step, src, dst), n in sorted(totals.items())]
 
 
-def visible_block(layout: Layout, causal: bool, q_owner: int, kv_owner: int) -> tuple[Part, Part, Mask] | None:
-    """Which part of q_owner's queries sees which part of kv_owner's keys, or None.
+def visible_block(layout: Layout, causal: bool, q_owner: int, kv_owner: int) -> tuple[Span, Span, Mask] | None:
+    """Which span of q_owner's queries sees which span of kv_owner's keys, or None.
 
     Zigzag, causal, with j = q_owner and r = kv_owner:
     * j == r: the local diagonal block under a causal mask;
     * j > r: j's chunks both follow r's first chunk and precede its second,
-      so all of q_j sees only r's FIRST half, unmasked;
+      so all of q_j sees only r's FIRST chunk, unmasked;
     * j < r: only j's second chunk follows r's chunks; it sees all of them.
     """
     if not causal:
-        return Part.ALL, Part.ALL, Mask.NONE
+        return ALL, ALL, Mask.NONE
     if q_owner == kv_owner:
-        return Part.ALL, Part.ALL, Mask.CAUSAL
+        return ALL, ALL, Mask.CAUSAL
     if layout is Layout.CONTIGUOUS:
-        return (Part.ALL, Part.ALL, Mask.NONE) if q_owner > kv_owner else None
+        return (ALL, ALL, Mask.NONE) if q_owner > kv_owner else None
     if q_owner > kv_owner:
-        return Part.ALL, Part.FIRST, Mask.NONE
-    return Part.SECOND, Part.ALL, Mask.NONE
+        return ALL, FIRST, Mask.NONE
+    return SECOND, ALL, Mask.NONE
 
 
-def _build_steps(algorithm: Algorithm, layout: Layout, causal: bool, n: int, direction: int) -> tuple[Step, ...]:
-    """Steps of a plan in which one kind of tensor travels one hop per step.
+Builder = Callable[[Layout, bool, int], Plan]
 
-    TokenRing: the travelling tensor is the owner's queries, computed against
-    each holder's keys/values; the partial result goes back to the owner one
-    step later. Ring: the travelling tensor is the owner's keys/values,
-    computed against each holder's queries; results stay where computed.
+
+@dataclass(frozen=True)
+class Schedule:
+    """A named way to run attention: ``build(layout, causal, world_size)`` returns its forward plan.
+
+    Registered through the ``tokenring_register_schedules`` hook; the
+    backward plan of any schedule is derived from its forward plan.
     """
-    moves_queries = algorithm is Algorithm.TOKENRING
-    payload = Payload.QUERY if moves_queries else Payload.KEY_VALUE
 
-    def holder(owner: int, hops: int) -> int:
-        return (owner + hops * direction) % n
-
-    def block(owner: int, hops: int) -> Block | None:
-        rank = holder(owner, hops)
-        q_owner, kv_owner = (owner, rank) if moves_queries else (rank, owner)
-        visible = visible_block(layout, causal, q_owner, kv_owner)
-        if visible is None:
-            return None
-        return Block(rank, q_owner, visible[0], kv_owner, visible[1], visible[2])
-
-    def travelling_part(b: Block) -> Part:
-        return b.q_part if moves_queries else b.kv_part
-
-    def still_needed(owner: int, from_hops: int) -> Part | None:
-        needed: Part | None = None
-        for hops in range(from_hops, n):
-            b = block(owner, hops)
-            if b is not None:
-                needed = travelling_part(b).union(needed)
-        return needed
-
-    # TokenRing needs one more step, after the last compute, to return the last partials.
-    n_steps = n + 1 if moves_queries and n > 1 else n
-    steps = []
-    for index in range(n_steps):
-        blocks: list[Block] = []
-        transfers: list[Transfer] = []
-        for owner in range(n):
-            if index < n:
-                b = block(owner, index)
-                if b is not None:
-                    blocks.append(b)
-                part = still_needed(owner, index + 1) if index < n - 1 else None
-                if part is not None:
-                    transfers.append(Transfer(holder(owner, index), holder(owner, index + 1), payload, owner, part))
-            previous = block(owner, index - 1) if moves_queries and index >= 2 else None
-            if previous is not None:
-                transfers.append(Transfer(previous.rank, owner, Payload.PARTIAL, owner, previous.q_part))
-        blocks.sort(key=lambda b: b.rank)
-        steps.append(Step(index, tuple(blocks), tuple(transfers)))
-    return tuple(steps)
-
-
-# A nominal MHA problem (units: one element per head-dim entry) used only to
-# compare the two directions of travel; the choice does not depend on it for
-# the plans built here.
-_NOMINAL_SHAPE = ProblemShape(batch=1, seq_local=2, q_heads=1, kv_heads=1, head_dim=64, itemsize=2)
-
-
-@functools.lru_cache(maxsize=256)
-def _backward_steps(forward: Plan) -> tuple[Step, ...]:
-    """The gradient pass: the forward's blocks and travel, with gradient payloads.
-
-    TokenRing: (q, dout, out, lse) travel where q did, and each block's dq goes
-    back to its owner where the partial (out, lse) did; dk and dv never move.
-    Ring: k and v travel as before, and the dk/dv each holder adds follow them
-    one step behind, summed on the way, until they reach their owner (one
-    extra step after the last compute).
-    """
-    renamed = {
-        Payload.QUERY: Payload.GRAD_QUERY,
-        Payload.PARTIAL: Payload.GRAD_PARTIAL,
-        Payload.KEY_VALUE: Payload.KEY_VALUE,
-    }
-    steps = [
-        Step(s.index, s.blocks, tuple(dataclasses.replace(t, payload=renamed[t.payload]) for t in s.transfers))
-        for s in forward.steps
-    ]
-    n = forward.world_size
-    if forward.algorithm is not Algorithm.RING or n == 1:
-        return tuple(steps)
-    steps.append(Step(n, (), ()))
-    transfers: list[list[Transfer]] = [list(s.transfers) for s in steps]
-
-    def holder(owner: int, hops: int) -> int:
-        return (owner + hops * forward.direction) % n
-
-    for owner in range(n):
-        summed: Part | None = None  # the part of dk/dv the travelling sum covers so far
-        for index in range(1, n + 1):
-            if summed is not None:
-                transfers[index].append(
-                    Transfer(holder(owner, index - 1), holder(owner, index), Payload.GRAD_KEY_VALUE, owner, summed)
-                )
-            block = steps[index].block_of(holder(owner, index)) if index < n else None
-            if block is not None and block.kv_owner == owner:
-                summed = block.kv_part.union(summed)
-    return tuple(Step(s.index, s.blocks, tuple(t)) for s, t in zip(steps, transfers))
-
-
-@functools.lru_cache(maxsize=256)
-def build_plan(
-    algorithm: "Algorithm | str",
-    layout: "Layout | str",
-    causal: bool,
-    world_size: int,
-    direction: int | None = None,
-    backward: bool = False,
-) -> Plan:
-    """The schedule of one attention call (or of its gradient, with ``backward``). Pure; cached.
-
-    The backward plan travels the same way as the forward plan of the same
-    arguments, so a forward and its backward always agree on direction.
-    """
-    algorithm = parse_algorithm(algorithm)
-    layout = parse_layout(layout)
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if direction not in (None, 1, -1):
-        raise ValueError(f"direction must be +1, -1 or None, got {direction}")
-    if backward:
-        forward = build_plan(algorithm, layout, causal, world_size, direction)
-        return dataclasses.replace(forward, steps=_backward_steps(forward), backward=True)
-    candidates = [direction] if direction is not None else [1, -1]
-    plans = [
-        Plan(algorithm, layout, bool(causal), world_size, d, _build_steps(algorithm, layout, bool(causal), world_size, d))
-        for d in candidates
-    ]
-    return min(plans, key=lambda p: sum(t.bytes for t in p.link_bytes(_NOMINAL_SHAPE)))
+    name: str
+    summary: str       # one line: what travels where, and where the schedule wins
+    build: Builder
+    layouts: tuple[Layout, ...] = (Layout.CONTIGUOUS, Layout.ZIGZAG)

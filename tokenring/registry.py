@@ -23,8 +23,10 @@ error that names both.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
+import pkgutil
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ import pluggy
 
 from . import hookspecs
 from .interfaces import Backend, BackendError, Probe
+from .layout import Layout
+from .plan import Schedule
 
 CORE_DISTRIBUTION = "tokenring-attn"
 _REQUIRED_METHODS = ("probe", "create_comm", "create_kernel")
@@ -79,12 +83,34 @@ class BackendEntry:
         }
 
 
+@dataclass
+class ScheduleEntry:
+    """One registered (or refused) schedule, as ``tokenring plan --list`` shows it."""
+
+    name: str
+    distribution: str
+    schedule: Schedule | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "summary": self.schedule.summary if self.schedule is not None else None,
+            "layouts": [x.value for x in self.schedule.layouts] if self.schedule is not None else None,
+            "error": self.error,
+        }
+
+
 class Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._entries: dict[str, BackendEntry] | None = None
         self._broken: list[BackendEntry] = []
+        self._schedules: dict[str, ScheduleEntry] = {}
+        self._broken_schedules: list[ScheduleEntry] = []
         self._extra_plugins: list[tuple[Any, str]] = []
+        self.generation = 0  # grows whenever what is registered may change; caches key on it
 
     # -- discovery -------------------------------------------------------------
 
@@ -93,11 +119,13 @@ class Registry:
         with self._lock:
             self._extra_plugins.append((plugin, distribution))
             self._entries = None
+            self.generation += 1
 
     def reset(self) -> None:
         """Forget everything discovered; the next use rediscovers."""
         with self._lock:
             self._entries = None
+            self.generation += 1
 
     def entries(self) -> list[BackendEntry]:
         """Every backend, valid or not, in discovery order."""
@@ -108,7 +136,8 @@ class Registry:
     def _ensure_loaded(self) -> None:
         with self._lock:
             if self._entries is None:
-                self._entries, self._broken, self._hook = _discover(self._extra_plugins)
+                found = _discover(self._extra_plugins)
+                self._entries, self._broken, self._schedules, self._broken_schedules, self._hook = found
 
     @property
     def hook(self) -> pluggy.HookRelay:
@@ -118,6 +147,30 @@ class Registry:
         """
         self._ensure_loaded()
         return self._hook
+
+    # -- schedules -------------------------------------------------------------
+
+    def schedule_entries(self) -> list[ScheduleEntry]:
+        """Every schedule, valid or not, first-party ones first."""
+        self._ensure_loaded()
+        return list(self._schedules.values()) + list(self._broken_schedules)
+
+    def schedule_names(self) -> tuple[str, ...]:
+        self._ensure_loaded()
+        return tuple(self._schedules)
+
+    def schedule(self, name: str) -> Schedule:
+        """The named schedule; ValueError naming the registered ones otherwise."""
+        self._ensure_loaded()
+        entry = self._schedules.get(name) if isinstance(name, str) else None
+        if entry is None:
+            broken = [e for e in self._broken_schedules if e.name == name]
+            if broken:
+                raise ValueError(f"schedule {name!r} from {broken[0].distribution} is broken: {broken[0].error}")
+            choices = ", ".join(repr(n) for n in self._schedules)
+            raise ValueError(f"unknown algorithm {name!r}; expected one of {choices}")
+        assert entry.schedule is not None
+        return entry.schedule
 
     # -- selection -------------------------------------------------------------
 
@@ -193,14 +246,27 @@ def _short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{suffix}"
 
 
+def _first_party_schedules() -> list[tuple[str, Any, str]]:
+    """Every module of `tokenring.schedules` that implements the schedule hook, by name."""
+    from . import schedules
+
+    found = []
+    for info in sorted(pkgutil.iter_modules(schedules.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{schedules.__name__}.{info.name}")
+        if hasattr(module, "tokenring_register_schedules"):
+            found.append((module.__name__, module, CORE_DISTRIBUTION))
+    return found
+
+
 def _discover(
     extra_plugins: list[tuple[Any, str]],
-) -> tuple[dict[str, BackendEntry], list[BackendEntry], pluggy.HookRelay]:
+) -> tuple[dict[str, BackendEntry], list[BackendEntry], dict[str, ScheduleEntry], list[ScheduleEntry], pluggy.HookRelay]:
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     entries: dict[str, BackendEntry] = {}
     broken: list[BackendEntry] = []
-    plugins: list[tuple[str, Any, str]] = []  # (plugin name, plugin, distribution)
+    # First-party schedules register first, through the same hook, so a plugin cannot take their names.
+    plugins: list[tuple[str, Any, str]] = _first_party_schedules()  # (plugin name, plugin, distribution)
 
     for ep in _selected_entry_points():
         distribution = _distribution_name(ep)
@@ -232,7 +298,41 @@ def _discover(
             broken.append(
                 BackendEntry(impl.plugin_name.split("@")[0], distribution, error=f"registration raised {_short_error(exc)}")
             )
-    return entries, broken, manager.hook
+    schedules: dict[str, ScheduleEntry] = {}
+    broken_schedules: list[ScheduleEntry] = []
+    for impl in manager.hook.tokenring_register_schedules.get_hookimpls():  # in registration order
+        distribution = distribution_of.get(impl.plugin_name, "<unknown distribution>")
+        try:
+            impl.function(register=_make_schedule_register(schedules, broken_schedules, distribution))
+        except Exception as exc:
+            name = impl.plugin_name.split("@")[0]
+            broken_schedules.append(ScheduleEntry(name, distribution, error=f"registration raised {_short_error(exc)}"))
+    return entries, broken, schedules, broken_schedules, manager.hook
+
+
+def _make_schedule_register(
+    schedules: dict[str, ScheduleEntry], broken: list[ScheduleEntry], distribution: str
+) -> Callable[[Schedule], None]:
+    def register(schedule: Schedule) -> None:
+        name = getattr(schedule, "name", None)
+        label = name if isinstance(name, str) and name else repr(schedule)
+        problem = None
+        if not isinstance(schedule, Schedule):
+            problem = f"expected a tokenring.Schedule, got {type(schedule).__name__}"
+        elif not (isinstance(name, str) and name and name.strip() == name and "," not in name):
+            problem = f"schedule name must be a non-empty string without commas or outer spaces, got {name!r}"
+        elif not callable(schedule.build):
+            problem = f"schedule {name!r}: build is not callable"
+        elif not schedule.layouts or not all(isinstance(x, Layout) for x in schedule.layouts):
+            problem = f"schedule {name!r}: layouts must be a non-empty tuple of tokenring.Layout"
+        elif name in schedules:
+            problem = f"name {name!r} is already registered by {schedules[name].distribution}"
+        if problem is not None:
+            broken.append(ScheduleEntry(label, distribution, error=problem))
+            return
+        schedules[name] = ScheduleEntry(name, distribution, schedule=schedule)
+
+    return register
 
 
 def _make_register(

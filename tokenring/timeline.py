@@ -78,14 +78,63 @@ class Recorder:
         self.events: list[Event] = []
         self._listeners = listeners
 
+    @staticmethod
+    def clock() -> float:
+        return clock()
+
     def add(self, kind: str, step: int, start_s: float, **detail: Any) -> None:
         self.events.append(Event(kind, step, start_s, clock(), detail))
+
+    def posted(self, step, rank: int, start_s: float, sent, received) -> None:
+        """The step's messages were handed to the Comm (``step`` a `tokenring.plan.Step`)."""
+        self.add(
+            POST, step.index, start_s,
+            sends={t.dst: t.payload.value for t in step.transfers if t.src == rank},
+            recvs={t.src: t.payload.value for t in step.transfers if t.dst == rank},
+            bytes_out=sum(x.numel() * x.element_size() for x in sent),
+            bytes_in=sum(x.numel() * x.element_size() for x in received),
+        )
+
+    def computed(self, step: int, start_s: float, block) -> float:
+        """One block kernel ran from ``start_s`` until now; returns now."""
+        self.add(COMPUTE, step, start_s, q_owner=block.q_owner, kv_owner=block.kv_owner)
+        return clock()
+
+    def merged(self, step: int, start_s: float, received) -> None:
+        if received:
+            self.add(MERGE, step, start_s, arrived=[t.payload.value for t, _ in received])
 
     def finish(self) -> Timeline:
         timeline = Timeline(self.rank, self.world_size, self.algorithm, self.backward, tuple(self.events))
         for listener in self._listeners:
             listener(timeline)
         return timeline
+
+
+class _NoRecorder:
+    """What the executor records into when nobody listens: every call does nothing."""
+
+    @staticmethod
+    def clock() -> float:
+        return 0.0
+
+    def add(self, kind: str, step: int, start_s: float, **detail: Any) -> None:
+        pass
+
+    def posted(self, step, rank: int, start_s: float, sent, received) -> None:
+        pass
+
+    def computed(self, step: int, start_s: float, block) -> float:
+        return 0.0
+
+    def merged(self, step: int, start_s: float, received) -> None:
+        pass
+
+    def finish(self) -> None:
+        return None
+
+
+NO_RECORDER = _NoRecorder()
 
 
 _collectors: list[list[Timeline]] = []
@@ -123,16 +172,16 @@ def _plugin_hook():
     return hook if hook.get_hookimpls() else None
 
 
-def recorder(rank: int, world_size: int, algorithm: str, backward: bool) -> Recorder | None:
-    """A recorder for one pass, or None when nobody listens (then record nothing)."""
+def recorder(rank: int, world_size: int, algorithm: str, backward: bool) -> "Recorder | _NoRecorder":
+    """A recorder for one pass, or `NO_RECORDER` when nobody listens (then nothing is recorded)."""
     if _quiet:
-        return None
+        return NO_RECORDER
     listeners: list[Callable[[Timeline], None]] = [c.append for c in _collectors]
     hook = _plugin_hook()
     if hook is not None:
         listeners.append(lambda timeline: hook(timeline=timeline))
     if not listeners:
-        return None
+        return NO_RECORDER
     return Recorder(rank, world_size, algorithm, backward, listeners)
 
 

@@ -288,7 +288,7 @@ def _comm_alone(case: Case, q, k, v, dout, timeout_s: float) -> dict:
 
     from .. import timeline
     from ..executor import Executor
-    from ..plan import build_plan
+    from ..schedules import build_plan
     from ..registry import registry
 
     executor = Executor(registry.get("cpu").create_comm(_GROUP), _NullKernel())

@@ -309,7 +309,7 @@ def _run_command(args: argparse.Namespace) -> int:
             else {}
         ),
         "traffic_matches_plan": traffic_matches_plan,
-        "plan_direction": build_plan(problem.algorithm, layout, problem.causal, world_size).direction,
+        "plan_note": build_plan(problem.algorithm, layout, problem.causal, world_size).note,
         "problem": problem.to_json(),
         "layout": layout,
         "backend": args.backend,

@@ -9,7 +9,8 @@ import torch
 
 from ..interfaces import LinkTraffic, accumulation_dtype
 from ..layout import default_layout
-from ..plan import ProblemShape, build_plan
+from ..plan import ProblemShape
+from ..schedules import build_plan
 from ..reference import reference_attention
 
 DTYPES = {
