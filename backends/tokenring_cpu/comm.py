@@ -15,7 +15,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from tokenring.distributed import all_gather_bytes, wait_works
+from tokenring.kit import all_gather_bytes, wait_works
 from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle
 
 _CHANNEL_TAGS = {Channel.QUERY: 0, Channel.PARTIAL: 1}

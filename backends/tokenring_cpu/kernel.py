@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenring.blocks import HeadGroups, lse_for_backward, no_gradients, nothing_seen
+from tokenring.kit import HeadGroups, lse_for_backward, no_gradients, nothing_seen
 from tokenring.interfaces import AttentionKernel, Mask, accumulation_dtype
 
 _forward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -34,7 +34,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from tokenring.distributed import all_gather_bytes, is_timeout, wait_works
+from tokenring.kit import all_gather_bytes, is_timeout, wait_works
 from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, TokenRingError
 
 BLOCKING_WAIT_ENV = "TOKENRING_CUDA_BLOCKING_WAIT"

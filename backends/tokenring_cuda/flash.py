@@ -24,7 +24,7 @@ import torch
 
 from tokenring.interfaces import AttentionKernel, Mask
 
-from tokenring.blocks import lse_for_backward, no_gradients, nothing_seen, unit_stride
+from tokenring.kit import lse_for_backward, no_gradients, nothing_seen, unit_stride
 
 # Placeholders for the tensors a call passes positionally, for signature checks.
 _TENSORS = ("q", "k", "v")

@@ -30,7 +30,7 @@ import torch
 
 from tokenring.interfaces import AttentionKernel, Mask, accumulation_dtype
 
-from tokenring.blocks import HeadGroups, lse_for_backward, no_gradients, nothing_seen
+from tokenring.kit import HeadGroups, lse_for_backward, no_gradients, nothing_seen
 
 LSE_PAD = 32         # the operator's lse padding
 BIAS_ALIGNMENT = 16  # elements: the bias row stride the operator accepts for every dtype

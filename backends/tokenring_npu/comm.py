@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from tokenring.distributed import all_gather_bytes, wait_works
+from tokenring.kit import all_gather_bytes, wait_works
 from tokenring.interfaces import BackendError, Channel, Comm, Handle, Recv, Send
 
 _CHANNEL_TAGS = {Channel.QUERY: 0, Channel.PARTIAL: 1}

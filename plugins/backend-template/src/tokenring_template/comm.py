@@ -4,17 +4,19 @@ Keeping each channel in its own process group means query traffic and
 partial results never share a message queue, so neither waits behind the
 other. Creating the groups is collective: every rank builds this Comm at the
 same point (TokenRing does so on the first call with a given group).
+
+Waiting with a timeout and the agreement gather come from the backend kit
+(`tokenring.kit`), which turns a timed-out wait into `CommTimeout` naming
+the rank and step.
 """
 
 from __future__ import annotations
 
-import datetime
-import time
-
 import torch
 import torch.distributed as dist
 
-from tokenring import BackendError, Channel, Comm, CommTimeout, Handle
+from tokenring import BackendError, Channel, Comm, Handle
+from tokenring.kit import all_gather_bytes, wait_works
 
 
 class _BatchHandle(Handle):
@@ -24,19 +26,8 @@ class _BatchHandle(Handle):
         self._where = where
 
     def wait(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        for work in self._works:
-            _wait(work, max(deadline - time.monotonic(), 0.001), self._where)
+        wait_works(self._works, timeout_s, self._where)
         self._works, self._tensors = [], []
-
-
-def _wait(work, timeout_s: float, where: str) -> None:
-    try:
-        work.wait(datetime.timedelta(seconds=timeout_s))
-    except RuntimeError as error:
-        if "timed out" in str(error).lower():
-            raise CommTimeout(f"{where}: no answer from a peer within {timeout_s:.1f} s") from error
-        raise
 
 
 class BatchedGlooComm(Comm):
@@ -68,12 +59,7 @@ class BatchedGlooComm(Comm):
         return _BatchHandle(works, tensors, f"rank {self.rank}, step {step}, {Channel(channel).value} channel")
 
     def all_gather_bytes(self, payload: bytes, *, timeout_s: float) -> list[bytes]:
-        where = f"rank {self.rank}, agreement check"
-        lengths = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-        _wait(dist.all_gather(lengths, torch.tensor([len(payload)]), group=self._parent, async_op=True), timeout_s, where)
-        longest = max(int(n) for n in lengths)
-        mine = torch.zeros(longest, dtype=torch.uint8)
-        mine[: len(payload)] = torch.tensor(list(payload), dtype=torch.uint8)
-        gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
-        _wait(dist.all_gather(gathered, mine, group=self._parent, async_op=True), timeout_s, where)
-        return [bytes(t[: int(n)].tolist()) for t, n in zip(gathered, lengths)]
+        return all_gather_bytes(
+            payload, group=self._parent, world_size=self.world_size, timeout_s=timeout_s,
+            where=f"rank {self.rank}, agreement check",
+        )

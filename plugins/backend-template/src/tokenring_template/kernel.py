@@ -11,10 +11,7 @@ from __future__ import annotations
 import torch
 
 from tokenring import AttentionKernel, Mask
-
-
-def _accumulation(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from tokenring.kit import accumulation_dtype, lse_for_backward
 
 
 class MathKernel(AttentionKernel):
@@ -22,7 +19,7 @@ class MathKernel(AttentionKernel):
         """Scores (B, Hkv, group, Sq, Sk) in the accumulation dtype, masked with -inf."""
         batch, q_len, q_heads, head_dim = q.shape
         k_len, kv_heads = k.shape[1], k.shape[2]
-        acc = _accumulation(q.dtype)
+        acc = accumulation_dtype(q.dtype)
         grouped_q = q.to(acc).reshape(batch, q_len, kv_heads, q_heads // kv_heads, head_dim)
         scores = torch.einsum("bqhgd,bkhd->bhgqk", grouped_q, k.to(acc)) * scale
         if Mask(mask) is Mask.CAUSAL:
@@ -33,9 +30,8 @@ class MathKernel(AttentionKernel):
 
     @staticmethod
     def _probabilities(scores, lse):
-        # exp(scores - lse); a row with lse = -inf saw no key: probability 0, not NaN.
-        safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-        return torch.exp(scores - safe.unsqueeze(-1))
+        # exp(scores - lse); a row with lse = -inf saw no key: with +inf there, probability 0, not NaN.
+        return torch.exp(scores - lse_for_backward(lse).unsqueeze(-1))
 
     def forward(self, q, k, v, *, scale, mask):
         batch, q_len, q_heads, _ = q.shape

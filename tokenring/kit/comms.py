@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from .interfaces import CommTimeout, TokenRingError
+from ..interfaces import CommTimeout, TokenRingError
 
 
 def is_timeout(error: BaseException) -> bool:
