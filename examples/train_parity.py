@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tokenring.schedules import schedule_names
 from tokenring.tools.launch import LocalWorld
 from tokenring.testing.model_tasks import TrainingRun, compare_training, reference_training
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=32, help="full sequence; divisible by 2N for zigzag")
     parser.add_argument("--dtype", default="float32", choices=sorted(TOLERANCE))
     parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
-    parser.add_argument("--algorithm", default="tokenring", choices=["tokenring", "ring"])
+    parser.add_argument("--algorithm", default="tokenring", choices=schedule_names())
     parser.add_argument("--backend", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from tokenring.schedules import schedule_names
+
 from .render import chrome_trace, gantt_png, load_timelines
 
 
@@ -15,7 +17,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write a Chrome/Perfetto trace here")
     parser.add_argument("--png", metavar="PATH", help="write a Gantt chart here (needs matplotlib)")
     parser.add_argument("--last", type=int, metavar="N", help="only each rank's last N passes")
-    parser.add_argument("--algorithm", choices=("tokenring", "ring"), help="only this algorithm's passes")
+    parser.add_argument("--algorithm", choices=schedule_names(), help="only this algorithm's passes")
     parser.add_argument("--title", help="chart title")
     args = parser.parse_args(argv)
     try:
