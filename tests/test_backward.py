@@ -3,10 +3,12 @@
 import pytest
 
 from tokenring.testing.checks import check_gradients
+from tokenring.schedules import schedule_names
 from tokenring.testing.problems import Problem
 
 WORLD_SIZES = [1, 2, 3, 4]
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
+ALGORITHMS = pytest.mark.parametrize("algorithm", schedule_names())
 
 
 def run_and_check_grads(worlds, problem: Problem, world_size: int, memory: str = "contiguous"):
@@ -14,7 +16,7 @@ def run_and_check_grads(worlds, problem: Problem, world_size: int, memory: str =
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+@ALGORITHMS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("heads", list(HEADS))
 def test_float32_gradients(worlds, seed, world_size, algorithm, causal, heads):
@@ -27,33 +29,33 @@ def test_float32_gradients(worlds, seed, world_size, algorithm, causal, heads):
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gradients_in_other_dtypes(worlds, seed, world_size, dtype, causal):
-    for algorithm in ("tokenring", "ring"):
-        problem = Problem(seed, batch=2, seq_len=16 * world_size, q_heads=4, kv_heads=2, head_dim=64, dtype=dtype,
-                          causal=causal, algorithm=algorithm)
-        run_and_check_grads(worlds, problem, world_size)
+@ALGORITHMS
+def test_gradients_in_other_dtypes(worlds, seed, world_size, dtype, causal, algorithm):
+    problem = Problem(seed, batch=2, seq_len=16 * world_size, q_heads=4, kv_heads=2, head_dim=64, dtype=dtype,
+                      causal=causal, algorithm=algorithm)
+    run_and_check_grads(worlds, problem, world_size)
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
-@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
-def test_gradients_with_custom_scale_and_non_default_layouts(worlds, seed, world_size, algorithm):
-    for causal, layout in ((False, None), (True, None), (True, "contiguous"), (False, "zigzag")):
-        problem = Problem(seed, batch=3, seq_len=8 * world_size, q_heads=2, kv_heads=1, head_dim=16, causal=causal,
-                          layout=layout, algorithm=algorithm, softmax_scale=0.7)
-        run_and_check_grads(worlds, problem, world_size)
+@ALGORITHMS
+@pytest.mark.parametrize("causal,layout", [(False, None), (True, None), (True, "contiguous"), (False, "zigzag")])
+def test_gradients_with_custom_scale_and_non_default_layouts(worlds, seed, world_size, algorithm, causal, layout):
+    problem = Problem(seed, batch=3, seq_len=8 * world_size, q_heads=2, kv_heads=1, head_dim=16, causal=causal,
+                      layout=layout, algorithm=algorithm, softmax_scale=0.7)
+    run_and_check_grads(worlds, problem, world_size)
 
 
 @pytest.mark.parametrize("memory", ["strided", "heads-major"])
-def test_gradients_of_inputs_that_are_not_contiguous(worlds, seed, memory):
-    for causal in (False, True):
-        for algorithm in ("tokenring", "ring"):
-            problem = Problem(seed, batch=2, seq_len=24, q_heads=4, kv_heads=2, head_dim=16, causal=causal,
-                              algorithm=algorithm)
-            run_and_check_grads(worlds, problem, 3, memory)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@ALGORITHMS
+def test_gradients_of_inputs_that_are_not_contiguous(worlds, seed, memory, causal, algorithm):
+    problem = Problem(seed, batch=2, seq_len=24, q_heads=4, kv_heads=2, head_dim=16, causal=causal,
+                      algorithm=algorithm)
+    run_and_check_grads(worlds, problem, 3, memory)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+@ALGORITHMS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gradcheck_in_float64(worlds, seed, world_size, algorithm, causal):
     problem = Problem(seed, batch=1, seq_len=4 * world_size, q_heads=2, kv_heads=1, head_dim=4, dtype="float64",
@@ -62,7 +64,7 @@ def test_gradcheck_in_float64(worlds, seed, world_size, algorithm, causal):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+@ALGORITHMS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_backward_traffic_equals_the_backward_plan(worlds, seed, world_size, algorithm, causal):
     problem = Problem(seed, batch=2, seq_len=6 * world_size, q_heads=6, kv_heads=2, head_dim=17, dtype="bfloat16",
@@ -78,7 +80,7 @@ def test_double_backward_is_a_clear_error(worlds, seed):
         assert not r.ok and "double backward" in r.error, r
 
 
-@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+@ALGORITHMS
 def test_memory_kept_between_calls_is_a_few_shards_and_does_not_grow(worlds, seed, algorithm):
     problem = Problem(seed, batch=1, seq_len=64, q_heads=4, kv_heads=4, head_dim=16, causal=True, algorithm=algorithm)
     world = worlds.get(4)

@@ -106,3 +106,44 @@ def test_run_and_bench_refuse_bad_arguments_alike(command, argv, flag):
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"tokenring {command}: error: argument {flag}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- tokenring plan ----------------------------------------------------------------------
+
+
+def test_plan_list_names_every_registered_schedule():
+    from tokenring.schedules import schedule_names
+
+    listed = tokenring("plan", "--list")
+    assert listed.returncode == 0, listed.stderr
+    for name in schedule_names():
+        assert name in listed.stdout
+    as_json = tokenring("plan", "--list", "--json")
+    assert [e["name"] for e in json.loads(as_json.stdout)] == list(schedule_names())
+
+
+def test_plan_prints_blocks_messages_and_bytes_per_link(tmp_path):
+    shown = tokenring("plan", "--algorithm", "ring", "--world-size", "3", "--seq-len", "96", "--backward")
+    assert shown.returncode == 0, shown.stderr
+    assert "ring plan, contiguous layout, non-causal, N=3, backward" in shown.stdout
+    assert "rank 2 computes q[2].all x kv[1].all mask=none" in shown.stdout
+    assert "grad_key_value[0].all" in shown.stdout and "bytes per directed link:" in shown.stdout
+    path = tmp_path / "plan.json"
+    written = tokenring("plan", "--algorithm", "tokenring", "--world-size", "4", "--causal", "--seq-len", "64",
+                      "--json", str(path))
+    assert written.returncode == 0, written.stderr
+    data = json.loads(path.read_text())
+    assert (data["algorithm"], data["layout"], data["world_size"]) == ("tokenring", "zigzag", 4)
+    assert sum(t["bytes"] for t in data["link_bytes"]) == sum(
+        t["bytes"] for s in data["steps"] for t in s["transfers"])
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--world-size", "0"], "--world-size"),
+    (["--algorithm", "ulysses"], "--algorithm"),
+    (["--world-size", "3", "--seq-len", "64"], "--seq-len"),
+    (["--heads", "4", "--kv-heads", "3"], "--kv-heads"),
+])
+def test_plan_refuses_bad_arguments_naming_the_flag(args, flag):
+    refused = tokenring("plan", *args)
+    assert refused.returncode == 2 and flag in refused.stderr, refused.stderr

@@ -4,11 +4,14 @@ import pytest
 
 from tokenring.interfaces import LinkTraffic
 from tokenring.plan import sum_by_link
+from tokenring.schedules import schedule_names
 from tokenring.testing.problems import Problem
+
+ALGORITHMS = pytest.mark.parametrize("algorithm", schedule_names())
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+@ALGORITHMS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype,heads", [("float32", (4, 4)), ("bfloat16", (4, 1)), ("float16", (6, 2)), ("float64", (2, 2))])
 def test_sent_bytes_equal_planned_bytes(worlds, seed, world_size, algorithm, causal, dtype, heads):
@@ -26,7 +29,7 @@ def test_sent_bytes_equal_planned_bytes(worlds, seed, world_size, algorithm, cau
 
 
 def design_table_link_bytes(problem: Problem, world_size: int) -> dict:
-    """Bytes per (step, src, dst) for contiguous, non-causal runs, straight from DESIGN §4.
+    """Bytes per (step, src, dst) for contiguous, non-causal runs, straight from docs/design.md, "Traffic".
 
     Written independently of ProblemShape: a Q is L·Hq·D elements, a partial
     out + lse is L·Hq·D elements (padded to 8 bytes so lse is aligned) plus
@@ -53,7 +56,7 @@ def design_table_link_bytes(problem: Problem, world_size: int) -> dict:
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
-@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])  # the two schedules the design table describes
 def test_sent_bytes_equal_the_design_table(worlds, seed, world_size, algorithm):
     # fp16, 3 query heads of 5 dims, 1 K/V head: the out section needs padding before lse.
     problem = Problem(seed, batch=1, seq_len=3 * world_size, q_heads=3, kv_heads=1, head_dim=5, dtype="float16",

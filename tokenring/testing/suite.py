@@ -14,7 +14,7 @@ CHANGELOG.md, because backends select and deselect tests by name.
 Four parts:
 
 * `TestKernelContract`: one block at a time, in this process, against float64
-  (DESIGN §2: layout, lse, bottom-right causal mask, rows that see no key,
+  (docs/design.md, "Backend contracts": layout, lse, bottom-right causal mask, rows that see no key,
   GQA, block backward with final statistics).
 * `TestCommContract`: point-to-point between local ranks: every peer
   distance, two channels at once, ordering, byte accounting, an absent peer.
@@ -34,6 +34,7 @@ import torch
 
 from ..interfaces import AttentionKernel, Backend, LinkTraffic, Mask, accumulation_dtype
 from ..plan import sum_by_link
+from ..schedules import schedule_names
 from ..reference import reference_attention
 from .checks import assert_all_ranks_fail, check_attention, check_gradients
 from .problems import DTYPES, GRAD_TOLERANCE, TOLERANCE, Problem, relative_error
@@ -352,7 +353,8 @@ class TestCommContract:
 # -- end to end ----------------------------------------------------------------------
 
 
-ALGORITHMS = pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+# Every registered schedule, a third party's included: a backend conforms on all of them.
+ALGORITHMS = pytest.mark.parametrize("algorithm", schedule_names())
 CAUSAL = pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 
 
@@ -402,17 +404,17 @@ class TestEndToEnd:
             check_attention(world, problem)
 
     @DTYPE_PARAMS
-    def test_every_declared_dtype(self, tokenring_worlds, tokenring_backend, tokenring_seed, world_size, dtype):
+    @ALGORITHMS
+    def test_every_declared_dtype(self, tokenring_worlds, tokenring_backend, tokenring_seed, world_size, dtype, algorithm):
         require_dtype(tokenring_backend, dtype)
         world = tokenring_worlds.get(world_size)
         causal = tokenring_backend.capabilities.causal
-        for algorithm in ("tokenring", "ring"):
-            problem = _problem(tokenring_worlds.backend_name, tokenring_backend, tokenring_seed, world_size,
-                               dtype=dtype_name(dtype), causal=causal, algorithm=algorithm)
-            if tokenring_backend.capabilities.backward:
-                check_gradients(world, problem)
-            else:
-                check_attention(world, problem)
+        problem = _problem(tokenring_worlds.backend_name, tokenring_backend, tokenring_seed, world_size,
+                           dtype=dtype_name(dtype), causal=causal, algorithm=algorithm)
+        if tokenring_backend.capabilities.backward:
+            check_gradients(world, problem)
+        else:
+            check_attention(world, problem)
 
 
 # -- bad input -----------------------------------------------------------------------

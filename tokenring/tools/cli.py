@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser, and each command's subparser (whose usage goes with its errors)."""
     from ..schedules import schedule_names
-    from . import benchmark, conformance
+    from . import benchmark, conformance, plan_command
     from .options import positive_float, positive_int
 
     parser = argparse.ArgumentParser(
@@ -142,7 +142,14 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     )
     conformance.add_arguments(suite)
     suite.set_defaults(handler=conformance.command)
-    return parser, {"backends": backends, "run": run, "bench": bench, "conformance": suite}
+
+    plan = commands.add_parser(
+        "plan", help="list the registered schedules, or print one plan step by step with its bytes per link",
+        description=plan_command.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan_command.add_arguments(plan)
+    plan.set_defaults(handler=plan_command.command)
+    return parser, {"backends": backends, "run": run, "bench": bench, "conformance": suite, "plan": plan}
 
 
 def _validate_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -160,7 +167,13 @@ def _validate_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     benchmark.validate_arguments(parser, args)
 
 
-_VALIDATORS = {"run": _validate_run_args, "bench": _validate_bench_args}
+def _validate_plan_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from . import plan_command
+
+    plan_command.validate(parser, args)
+
+
+_VALIDATORS = {"run": _validate_run_args, "bench": _validate_bench_args, "plan": _validate_plan_args}
 
 
 def _error(message: str) -> None:
