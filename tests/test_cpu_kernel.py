@@ -1,6 +1,6 @@
 """What is particular to the CPU kernel adapter.
 
-The kernel contract itself (DESIGN §2) is tested for every backend, this one
+The kernel contract itself (docs/design.md, "Backend contracts") is tested for every backend, this one
 included, by the conformance suite: `tokenring conformance --backend cpu`.
 """
 

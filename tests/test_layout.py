@@ -1,4 +1,4 @@
-"""shard and unshard are inverse, and the zigzag layout is the one DESIGN §2 describes."""
+"""shard and unshard are inverse, and the zigzag layout is the one docs/design.md, "Layouts", describes."""
 
 import pytest
 import torch

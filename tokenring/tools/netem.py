@@ -1,7 +1,7 @@
 """Emulated interconnects on one Linux machine: one network namespace per rank.
 
 Loopback on one host has no separate links, so it cannot show what TokenRing
-is for (DESIGN.md §4). Here every rank gets its own network namespace and
+is for (docs/design.md, "Where each schedule wins and why"). Here every rank gets its own network namespace and
 traffic between ranks crosses rate-limited veth links:
 
 * ``fullmesh``: one veth pair per pair of ranks, each end rate-limited
