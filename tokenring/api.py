@@ -120,9 +120,10 @@ def token_ring_attn(
     a multiple of Hkv. Shards follow ``layout``: "zigzag" (the default when
     causal) or "contiguous" (the default otherwise); see `tokenring.shard`.
 
-    ``algorithm="tokenring"`` keeps K and V still and moves queries and
-    partial results; ``"ring"`` runs the Ring-Attention baseline (K and V
-    travel) through the same engine.
+    ``algorithm`` names a registered schedule (`tokenring.schedule_names`):
+    ``"tokenring"`` keeps K and V still and moves queries and partial
+    results; ``"ring"`` runs the Ring-Attention baseline (K and V travel);
+    all run through the same engine.
 
     Returns out, with q's shape and dtype, or (out, lse) with ``return_lse``,
     lse being (B, Hq, S_local) float32 (float64 for float64 inputs), the
