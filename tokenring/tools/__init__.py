@@ -6,6 +6,7 @@
   ``run`` and ``bench`` share;
 * `tokenring.tools.table`: plain-text tables;
 * `tokenring.tools.benchmark`: ``tokenring bench``;
+* `tokenring.tools.plan_command`: ``tokenring plan``;
 * `tokenring.tools.conformance`: the runner of the shared conformance suite;
 * `tokenring.tools.launch`: local multi-process worlds (`LocalWorld`);
 * `tokenring.tools.netem`: emulated links between per-rank network namespaces;

@@ -17,44 +17,30 @@ from typing import Callable, Sequence
 from ..layout import chunks_per_rank, default_layout
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(convert: Callable[[str], float], expected: str, accept: Callable[[float], bool], name: str):
+    """An argparse type: ``convert`` the text, then ``accept`` the value, or say what was ``expected``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
+positive_int = _number(int, "a positive integer", lambda value: value >= 1, "positive_int")
+non_negative_int = _number(int, "an integer >= 0", lambda value: value >= 0, "non_negative_int")
+positive_float = _number(
+    float, "a finite positive number", lambda value: value > 0 and math.isfinite(value), "positive_float"
+)
+non_negative_float = _number(
+    float, "a finite number >= 0", lambda value: value >= 0 and math.isfinite(value), "non_negative_float"
+)
 
 
 def comma_separated(kind: Callable[[str], object]) -> Callable[[str], list]:
