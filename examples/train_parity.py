@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tokenring.schedules import schedule_names
+from tokenring.plans import schedule_names
 from tokenring.tools.launch import LocalWorld
 from tokenring.testing.model_tasks import TrainingRun, compare_training, reference_training
 

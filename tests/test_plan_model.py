@@ -16,7 +16,7 @@ from tokenring.layout import Layout
 from tokenring.plan import ALL, FIRST, SECOND, Block, Payload, Plan, ProblemShape, Span, Step, Transfer
 from tokenring.plancheck import PlanError, check_plan
 from tokenring.reference import reference_attention
-from tokenring.schedules import build_plan, schedule_names
+from tokenring.plans import build_plan, schedule_names
 
 from threaded_world import run_plan
 

@@ -9,7 +9,7 @@ from tokenring.interfaces import Mask
 from tokenring.layout import Layout
 from tokenring.plan import ALL, SECOND, Block, Payload, Plan, ProblemShape, Step
 from tokenring.plancheck import PlanError, check_plan, work_per_rank
-from tokenring.schedules import build_plan, schedule_names
+from tokenring.plans import build_plan, schedule_names
 from tokenring.schedules.hops import cheaper_direction, one_hop_steps
 
 WORLD_SIZES = [1, 2, 3, 4, 5, 8]

@@ -9,7 +9,7 @@ import tokenring
 from tokenring.plan import Plan, Schedule, Step
 from tokenring.plancheck import PlanError
 from tokenring.registry import registry
-from tokenring.schedules import build_plan, schedule_names
+from tokenring.plans import build_plan, schedule_names
 from tokenring.schedules.hops import one_hop_steps
 
 from threaded_world import run_plan

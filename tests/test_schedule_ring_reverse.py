@@ -3,7 +3,7 @@
 import pytest
 
 from tokenring.plan import Payload, ProblemShape
-from tokenring.schedules import build_plan, schedule_names
+from tokenring.plans import build_plan, schedule_names
 
 
 def test_it_is_registered_like_every_schedule():

@@ -6,7 +6,7 @@ import torch
 from tokenring import timeline
 from tokenring.executor import Executor
 from tokenring.interfaces import Comm
-from tokenring.schedules import build_plan, schedule_names
+from tokenring.plans import build_plan, schedule_names
 from tokenring_cpu.kernel import CpuSdpaKernel
 
 from threaded_world import run_plan

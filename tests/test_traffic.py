@@ -4,7 +4,7 @@ import pytest
 
 from tokenring.interfaces import LinkTraffic
 from tokenring.plan import sum_by_link
-from tokenring.schedules import schedule_names
+from tokenring.plans import schedule_names
 from tokenring.testing.problems import Problem
 
 ALGORITHMS = pytest.mark.parametrize("algorithm", schedule_names())

@@ -24,7 +24,7 @@ from .interfaces import (
 )
 from .layout import Layout, shard, unshard
 from .plan import Plan, ProblemShape, Schedule, Span
-from .schedules import build_plan, schedule_names
+from .plans import build_plan, schedule_names
 from .api import record_traffic, token_ring_attn
 from .reference import reference_attention
 from .registry import registry

@@ -13,7 +13,7 @@ import torch
 from .executor import Executor
 from .interfaces import Backend, BackendError, InputError, LinkTraffic, TokenRingError
 from .layout import Layout, default_layout
-from .schedules import build_plan
+from .plans import build_plan
 from .registry import registry
 from .validation import agree, call_signature, local_problem
 

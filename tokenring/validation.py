@@ -17,7 +17,7 @@ import torch
 
 from .interfaces import Backend, BackendError, Comm, InputError
 from .layout import Layout, parse_layout
-from .schedules import parse_algorithm
+from .plans import parse_algorithm
 
 _API = "token_ring_attn"
 

@@ -10,7 +10,7 @@ from ..interfaces import LinkTraffic, accumulation_dtype
 from ..tools.launch import LocalWorld
 from ..layout import unshard
 from ..plan import sum_by_link
-from ..schedules import build_plan
+from ..plans import build_plan
 from ..tools.problems import GRAD_TOLERANCE, TOLERANCE, Problem, relative_error
 from ..tools.tasks import from_bytes
 

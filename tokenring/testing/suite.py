@@ -34,7 +34,7 @@ import torch
 
 from ..interfaces import AttentionKernel, Backend, LinkTraffic, Mask, accumulation_dtype
 from ..plan import sum_by_link
-from ..schedules import schedule_names
+from ..plans import schedule_names
 from ..reference import reference_attention
 from .checks import assert_all_ranks_fail, check_attention, check_gradients
 from .problems import DTYPES, GRAD_TOLERANCE, TOLERANCE, Problem, relative_error

@@ -2,7 +2,7 @@
 
 Implementations (``--impl``, default all):
 
-* every registered schedule (`tokenring.schedules.schedule_names`), through
+* every registered schedule (`tokenring.plans.schedule_names`), through
   `token_ring_attn` with that ``algorithm``: ``tokenring`` (queries travel),
   ``ring`` (K and V travel), ...;
 * ``torch-ring``: torch's own ring-attention engine, the internal
@@ -50,7 +50,7 @@ OTHER_IMPLEMENTATIONS = ("torch-ring", "sdpa")  # beside the engine's schedules
 
 def engine_names() -> tuple[str, ...]:
     """The implementations that run through `token_ring_attn`: one per registered schedule."""
-    from ..schedules import schedule_names
+    from ..plans import schedule_names
 
     return schedule_names()
 
@@ -288,7 +288,7 @@ def _comm_alone(case: Case, q, k, v, dout, timeout_s: float) -> dict:
 
     from .. import timeline
     from ..executor import Executor
-    from ..schedules import build_plan
+    from ..plans import build_plan
     from ..registry import registry
 
     executor = Executor(registry.get("cpu").create_comm(_GROUP), _NullKernel())

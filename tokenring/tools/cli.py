@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser, and each command's subparser (whose usage goes with its errors)."""
-    from ..schedules import schedule_names
+    from ..plans import schedule_names
     from . import benchmark, conformance, plan_command
     from .options import positive_float, positive_int
 

@@ -20,7 +20,7 @@ _ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..schedules import schedule_names
+    from ..plans import schedule_names
 
     parser.add_argument("--list", action="store_true", help="list the registered schedules")
     parser.add_argument("--algorithm", choices=schedule_names(), default="tokenring",
@@ -60,7 +60,7 @@ def command(args: argparse.Namespace) -> int:
     from ..layout import chunks_per_rank, default_layout
     from ..plan import ProblemShape
     from ..registry import registry
-    from ..schedules import build_plan
+    from ..plans import build_plan
 
     if args.list:
         entries = registry.schedule_entries()

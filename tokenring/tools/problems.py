@@ -10,7 +10,7 @@ import torch
 from ..interfaces import LinkTraffic, accumulation_dtype
 from ..layout import default_layout
 from ..plan import ProblemShape
-from ..schedules import build_plan
+from ..plans import build_plan
 from ..reference import reference_attention
 
 DTYPES = {

@@ -1,0 +1,74 @@
+"""The plan of a call: the registered schedules, each plan built once and proven.
+
+`schedule_names` is the one list of schedules every tool, test and plugin
+reads; `build_plan` gives the plan of a call, forward or backward, proven by
+`tokenring.plancheck` the first time it is built. The builders themselves
+live in `tokenring.schedules`, one module each, and register through the
+same pluggy hook a third-party plugin uses (see `tokenring.hookspecs`).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .backward import derive_backward
+from .layout import Layout, parse_layout
+from .plan import Plan, Schedule
+from .plancheck import PlanError, check_plan
+from .registry import registry
+
+
+def schedule_names() -> tuple[str, ...]:
+    """Names of every registered schedule, first-party ones first."""
+    return registry.schedule_names()
+
+
+def get_schedule(name: str) -> Schedule:
+    """The named schedule; ValueError listing the registered names otherwise."""
+    return registry.schedule(name)
+
+
+def parse_algorithm(algorithm: str) -> str:
+    """The name of a registered schedule, or ValueError naming the registered ones."""
+    return get_schedule(algorithm).name
+
+
+_plans: dict[tuple, Plan] = {}
+_plans_lock = threading.Lock()
+
+
+def build_plan(algorithm: str, layout: "Layout | str", causal: bool, world_size: int, backward: bool = False) -> Plan:
+    """The schedule of one attention call (or of its gradient, with ``backward``). Pure; cached; proven."""
+    schedule = get_schedule(algorithm)
+    layout = parse_layout(layout)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if layout not in schedule.layouts:
+        supported = ", ".join(repr(x.value) for x in schedule.layouts)
+        raise ValueError(f"schedule {schedule.name!r} supports layouts {supported}, got {layout.value!r}")
+    key = (registry.generation, schedule.name, layout, bool(causal), world_size, backward)
+    with _plans_lock:
+        plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    if backward:
+        plan = derive_backward(build_plan(schedule.name, layout, causal, world_size))
+    else:
+        plan = schedule.build(layout, bool(causal), world_size)
+        if not isinstance(plan, Plan) or (plan.algorithm, plan.layout, plan.causal, plan.world_size, plan.backward) != (
+            schedule.name, layout, bool(causal), world_size, False
+        ):
+            raise PlanError(
+                f"schedule {schedule.name!r} built a plan for something else than "
+                f"({schedule.name!r}, {layout.value!r}, causal={bool(causal)}, N={world_size}, forward)"
+            )
+    try:
+        check_plan(plan)
+    except PlanError as error:
+        raise PlanError(f"schedule {schedule.name!r} ({layout.value}, causal={bool(causal)}, N={world_size}"
+                        f"{', backward' if backward else ''}) is not exact: {error}") from None
+    with _plans_lock:
+        if len(_plans) > 512:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
