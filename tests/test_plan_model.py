@@ -76,6 +76,22 @@ def gather_to_rank_zero(n: int) -> Plan:
     return Plan("gather", Layout.CONTIGUOUS, False, n, (step0, step1, step2))
 
 
+def more_after_sending(n: int) -> Plan:
+    """Rank 1 sends what it has of rank 0's result in the same step as it computes more of it,
+    which goes home a step later: the send must carry the result as it was when posted."""
+    assert n == 2
+    none = Mask.NONE
+    steps = (
+        Step(0, (Block(0, 0, ALL, 0, ALL, none), Block(1, 1, ALL, 1, ALL, none)),
+             (Transfer(0, 1, Payload.QUERY, 0, ALL), Transfer(1, 0, Payload.QUERY, 1, ALL))),
+        Step(1, (Block(0, 1, ALL, 0, ALL, none), Block(1, 0, ALL, 1, FIRST, none)), ()),
+        Step(2, (Block(1, 0, ALL, 1, SECOND, none),),
+             (Transfer(1, 0, Payload.PARTIAL, 0, ALL), Transfer(0, 1, Payload.PARTIAL, 1, ALL))),
+        Step(3, (), (Transfer(1, 0, Payload.PARTIAL, 0, ALL),)),
+    )
+    return Plan("more-after-sending", Layout.CONTIGUOUS, False, 2, steps)
+
+
 HAND_WRITTEN = {
     "split-in-2": lambda n: split_tokenring(n, 2),
     "split-in-3": lambda n: split_tokenring(n, 3),
@@ -113,6 +129,13 @@ def _check_run(plan, n, q_len, kv_len):
     for index, grad in zip((2, 3, 4), grads):
         torch.testing.assert_close(torch.cat([r[index] for r in results], dim=1), grad, rtol=1e-9, atol=1e-9)
     return sent
+
+
+def test_a_result_sent_while_more_of_it_is_computed_leaves_as_it_was():
+    plan = more_after_sending(2)
+    check_plan(plan)
+    check_plan(derive_backward(plan))
+    _check_run(plan, 2, q_len=4, kv_len=4)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -161,3 +184,43 @@ def test_a_result_merged_twice_is_caught():
                    (plan.steps[0], Step(1, plan.steps[1].blocks + plan.steps[1].blocks[:1], ()), plan.steps[2]))
     with pytest.raises(PlanError, match="extra/duplicated"):
         check_plan(doubled)
+
+
+def test_a_causal_plan_refuses_keys_of_another_length():
+    plan = build_plan("tokenring", "contiguous", True, 2)
+    (_, _, _, _), shards, _ = _problem(2, 4, 8)
+    with pytest.raises(ValueError, match="causal plan needs keys/values as long as the queries"):
+        run_plan(plan, shards, scale=0.3)
+
+
+@pytest.mark.parametrize("breakage,match", [
+    ("rank", "block outside the world"),
+    ("index", "steps must be numbered"),
+])
+def test_blocks_outside_the_world_and_misnumbered_steps_are_refused(breakage, match):
+    plan = build_plan("tokenring", "contiguous", False, 3)
+    if breakage == "rank":
+        first = plan.steps[1]
+        b = first.blocks[0]
+        bad = Step(1, (Block(-1, b.q_owner, b.q_span, b.kv_owner, b.kv_span, b.mask),) + first.blocks[1:], first.transfers)
+        steps = (plan.steps[0], bad) + plan.steps[2:]
+    else:
+        steps = tuple(Step(0, s.blocks, s.transfers) for s in plan.steps)
+    with pytest.raises(PlanError, match=match):
+        check_plan(Plan(plan.algorithm, plan.layout, plan.causal, 3, steps))
+
+
+def test_granularity_is_the_finest_span_a_plan_cuts():
+    assert build_plan("tokenring", "contiguous", False, 3).granularity == 1
+    assert build_plan("tokenring", "zigzag", True, 3).granularity == 2
+    assert split_tokenring(2, 3).granularity == 3
+
+
+def test_a_shard_the_plan_cannot_cut_is_refused_before_any_traffic():
+    from tokenring.validation import plan_problem
+
+    plan = split_tokenring(2, 3)
+    q, k = torch.zeros(1, 6, 2, 8), torch.zeros(1, 4, 2, 8)
+    assert plan_problem(plan, q, q) is None
+    problem = plan_problem(plan, q, k)
+    assert "argument 'k'" in problem and "multiple of 3" in problem and "got 4" in problem

@@ -83,7 +83,7 @@ def test_every_rank_records_its_posts_waits_and_arrivals(algorithm, world_size):
         for post in posts:
             step = this_plan.steps[post.step]
             assert post.detail["bytes_out"] + post.detail["bytes_in"] > 0
-            assert set(post.detail["sends"]) == {x.dst for x in step.transfers if x.src == t.rank}
+            assert post.detail["sends"] == [[x.dst, x.payload.value] for x in step.transfers if x.src == t.rank]
         arrived = [p for e in t.events if e.kind == timeline.MERGE for p in e.detail.get("arrived", ())]
         assert len(arrived) == sum(1 for _, x in this_plan.transfers() if x.dst == t.rank)
         computes = [e for e in t.events if e.kind == timeline.COMPUTE]

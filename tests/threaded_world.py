@@ -30,10 +30,14 @@ class _Mailboxes:
 
 
 class _Handle(Handle):
-    def __init__(self, pending):
+    def __init__(self, pending, sent):
         self._pending = pending
+        self._sent = sent  # (tensor handed to the Comm, its value when handed over)
 
     def wait(self, timeout_s: float) -> None:
+        for tensor, value in self._sent:
+            # A real transport may read a send buffer until this wait: changing it before is a race.
+            assert torch.equal(tensor, value), "a send buffer changed while the send was in flight"
         for box, tensor in self._pending:
             try:
                 tensor.copy_(box.get(timeout=timeout_s))
@@ -49,10 +53,13 @@ class ThreadComm(Comm):
         self.rank, self.world_size, self._mail = rank, world_size, mail
 
     def exchange(self, sends, recvs, *, channel, step):
+        sent = []
         for s in sends:
             self._record_sent(step, s.peer, s.tensor.numel() * s.tensor.element_size())
-            self._mail.box((self.rank, s.peer, channel, step)).put(s.tensor.clone())
-        return _Handle([(self._mail.box((r.peer, self.rank, channel, step)), r.tensor) for r in recvs])
+            value = s.tensor.clone()
+            self._mail.box((self.rank, s.peer, channel, step)).put(value)
+            sent.append((s.tensor, value))
+        return _Handle([(self._mail.box((r.peer, self.rank, channel, step)), r.tensor) for r in recvs], sent)
 
     def all_gather_bytes(self, payload, *, timeout_s):
         raise AssertionError("the executor never gathers")

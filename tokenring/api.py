@@ -15,7 +15,8 @@ from .interfaces import Backend, BackendError, InputError, LinkTraffic, TokenRin
 from .layout import Layout, default_layout
 from .plans import build_plan
 from .registry import registry
-from .validation import agree, call_signature, local_problem
+from .plancheck import PlanError
+from .validation import agree, call_signature, local_problem, plan_problem
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -155,6 +156,16 @@ def token_ring_attn(
             f"argument 'group': backend {chosen.name!r} supports at most {max_world_size} ranks, "
             f"got {comm.world_size}"
         )
+    plan = backward_plan = None
+    if problem is None:
+        try:
+            plan = build_plan(algorithm, Layout(layout), causal, comm.world_size)
+            if needs_grad:
+                backward_plan = build_plan(algorithm, Layout(layout), causal, comm.world_size, backward=True)
+        except (ValueError, PlanError) as error:  # a plugin's schedule that cannot build this call
+            problem = f"argument 'algorithm': {error}"
+        else:
+            problem = plan_problem(plan, q, k)
     signature = call_signature(
         q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=algorithm,
         backend=chosen, needs_grad=needs_grad,
@@ -162,10 +173,9 @@ def token_ring_attn(
     wait_s = timeout_s()
     agree(comm, signature, problem, timeout_s=wait_s, error=BackendError if backend_problem else InputError)
 
-    plan = build_plan(algorithm, Layout(layout), causal, comm.world_size)
+    assert plan is not None
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     if needs_grad:
-        backward_plan = build_plan(algorithm, Layout(layout), causal, comm.world_size, backward=True)
         out, lse = _Attention.apply(q, k, v, executor, plan, backward_plan, scale, wait_s)
     else:
         with _recording(comm):

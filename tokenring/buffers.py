@@ -37,6 +37,9 @@ class BufferPool:
     def give(self, tensor: torch.Tensor) -> None:
         self._free.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(tensor)
 
+    def clear(self) -> None:
+        self._free.clear()
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for free in self._free.values() for t in free)
 
@@ -63,7 +66,7 @@ class Holdings:
         self.pool, self.shape, self.dtype, self.acc_dtype, self.device = pool, shape, dtype, acc_dtype, device
         self._pieces: dict[Key, list[Piece]] = {}
         self._in_flight: list[torch.Tensor] = []  # pooled buffers of sends posted this step
-        self._sent_results: list[tuple[Key, Span]] = []
+        self._sent_results: list[Piece] = []       # results handed to the Comm this step, no longer held
         self._seq_dims = {
             payload: {s.name: s.seq_dim for s in shape.sections(payload, Span(0, 1))} for payload in Payload
         }
@@ -104,7 +107,9 @@ class Holdings:
         key = (t.payload, t.owner)
         piece = self._piece(key, t.span, exact=t.payload in RESULTS and t.payload is not Payload.GRAD_KEY_VALUE)
         if t.payload in RESULTS:
-            self._sent_results.append((key, piece.span))
+            # A result leaves as it is now: a block of this same step for the same rows starts a new one.
+            self._pieces[key].remove(piece)
+            self._sent_results.append(piece)
         if piece.span == t.span and piece.buffer is not None:
             return piece.buffer  # already one packed message
         message = self.pack(t.payload, t.span, self._narrowed(t.payload, piece, t.span))
@@ -117,8 +122,8 @@ class Holdings:
         for buffer in self._in_flight:
             self.pool.give(buffer)
         self._in_flight.clear()
-        for key, span in self._sent_results:
-            self._drop(key, span)
+        for piece in self._sent_results:
+            self._give_back(piece)
         self._sent_results.clear()
 
     # -- what this rank holds ---------------------------------------------------
@@ -150,7 +155,15 @@ class Holdings:
         for piece in self._pieces.pop(key, ()):
             self._give_back(piece)
 
-    def release_all(self) -> None:
+    def release_all(self, failed: bool = False) -> None:
+        """Drop everything at the end of a pass. After a failure a send may still be reading any
+        buffer, so none goes back to the pool and the pool starts afresh."""
+        if failed:
+            self._pieces.clear()
+            self._in_flight.clear()
+            self._sent_results.clear()
+            self.pool.clear()
+            return
         for key in list(self._pieces):
             self.release(key)
         self.step_waited()

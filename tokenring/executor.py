@@ -66,13 +66,19 @@ class _Run:
         executor.pool.keep_only_for((self.shape, self.dtype, self.device))
         self.held = Holdings(executor.pool, self.shape, self.dtype, self.acc_dtype, self.device)
         self.local_kv = (k, v)
-        if any(t.payload is Payload.KEY_VALUE and t.src == self.rank for _, t in plan.transfers()):
+        if plan.causal and k.shape[1] != q.shape[1]:
+            # The kernel aligns a causal mask to each block's bottom-right corner; spans of shards of
+            # different lengths would place it elsewhere than the plan's proof assumes.
+            raise ValueError(f"a causal plan needs keys/values as long as the queries per rank, got "
+                             f"{k.shape[1]} and {q.shape[1]}")
+        if any(t.payload is Payload.KEY_VALUE and t.src == self.rank == t.owner for _, t in plan.transfers()):
             self.held.hold(Payload.KEY_VALUE, self.rank, ALL, {"kv": torch.stack((k, v))})
         self.release_after = _release_schedule(plan, self.rank, self.query_payload)
         self.trace = timeline.recorder(self.rank, self.comm.world_size, plan.algorithm, plan.backward)
         self.step_index = 0
 
     def run(self, timeout_s: float):
+        failed = True
         try:
             for step in self.plan.steps:
                 self.step_index = step.index
@@ -87,8 +93,9 @@ class _Run:
                 for key in self.release_after.get(step.index, ()):
                     self.held.release(key)
             result = self.result()
+            failed = False
         finally:
-            self.held.release_all()
+            self.held.release_all(failed)
         self.trace.finish()
         return result
 

@@ -236,6 +236,13 @@ class Plan:
     backward: bool = False  # the gradient pass of the same schedule
     note: str = field(default="", compare=False)  # the builder's word on this instance, e.g. its direction
 
+    @property
+    def granularity(self) -> int:
+        """The fewest equal pieces every shard must split into for all of this plan's spans to be whole."""
+        spans = [s for step in self.steps for b in step.blocks for s in (b.q_span, b.kv_span)]
+        spans += [t.span for step in self.steps for t in step.transfers]
+        return math.lcm(1, *(s.denominator for s in spans))
+
     def transfers(self) -> Iterator[tuple[int, Transfer]]:
         for step in self.steps:
             for transfer in step.transfers:

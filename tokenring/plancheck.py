@@ -122,8 +122,13 @@ def check_plan(plan: Plan) -> None:
     covered_q: list[list[Pair]] = [[] for _ in range(n)]   # per query owner, what reached it
     covered_kv: list[list[Pair]] = [[] for _ in range(n)]  # per key owner (backward only)
 
-    for step in plan.steps:
+    for position, step in enumerate(plan.steps):
         where = f"step {step.index}"
+        if step.index != position:
+            raise PlanError(f"{where} stands at position {position}: steps must be numbered 0, 1, 2, ... in order")
+        for b in step.blocks:
+            if not all(0 <= r < n for r in (b.rank, b.q_owner, b.kv_owner)):
+                raise PlanError(f"{where}: block outside the world: {b}")
         arriving: list[tuple[Transfer, list[Pair] | None]] = []
         for t in step.transfers:
             if not (0 <= t.src < n and 0 <= t.dst < n and 0 <= t.owner < n):

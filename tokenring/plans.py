@@ -39,6 +39,7 @@ _plans_lock = threading.Lock()
 
 def build_plan(algorithm: str, layout: "Layout | str", causal: bool, world_size: int, backward: bool = False) -> Plan:
     """The schedule of one attention call (or of its gradient, with ``backward``). Pure; cached; proven."""
+    generation = registry.generation  # read first: a plan is never cached under a newer registry
     schedule = get_schedule(algorithm)
     layout = parse_layout(layout)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -46,7 +47,7 @@ def build_plan(algorithm: str, layout: "Layout | str", causal: bool, world_size:
     if layout not in schedule.layouts:
         supported = ", ".join(repr(x.value) for x in schedule.layouts)
         raise ValueError(f"schedule {schedule.name!r} supports layouts {supported}, got {layout.value!r}")
-    key = (registry.generation, schedule.name, layout, bool(causal), world_size, backward)
+    key = (generation, schedule.name, layout, bool(causal), world_size, backward)
     with _plans_lock:
         plan = _plans.get(key)
     if plan is not None:

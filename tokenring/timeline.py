@@ -89,8 +89,8 @@ class Recorder:
         """The step's messages were handed to the Comm (``step`` a `tokenring.plan.Step`)."""
         self.add(
             POST, step.index, start_s,
-            sends={t.dst: t.payload.value for t in step.transfers if t.src == rank},
-            recvs={t.src: t.payload.value for t in step.transfers if t.dst == rank},
+            sends=[[t.dst, t.payload.value] for t in step.transfers if t.src == rank],
+            recvs=[[t.src, t.payload.value] for t in step.transfers if t.dst == rank],
             bytes_out=sum(x.numel() * x.element_size() for x in sent),
             bytes_in=sum(x.numel() * x.element_size() for x in received),
         )

@@ -83,6 +83,18 @@ def local_problem(
     return _capability_problem(q, k, causal, backend) or _non_finite_problem(q, k, v)
 
 
+def plan_problem(plan: Any, q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """What stops ``plan`` from cutting this rank's shards into its spans, or None."""
+    pieces = plan.granularity
+    for name, t in (("q", q), ("k", k)):
+        if t.shape[1] % pieces:
+            return (
+                f"argument '{name}': schedule {plan.algorithm!r} cuts each shard into {pieces} equal pieces, "
+                f"so S_local must be a multiple of {pieces}, got {t.shape[1]}"
+            )
+    return None
+
+
 def _non_finite_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     # Kernels treat a NaN score row like a row that saw no key (out 0), so a
     # NaN would come out as a finite, wrong answer; refuse it here instead.
