@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from .executor import Executor
+from .groups import resolve_group
 from .interfaces import Backend, BackendError, InputError, LinkTraffic, TokenRingError
 from .layout import Layout, default_layout
 from .plans import build_plan
@@ -139,6 +140,7 @@ def token_ring_attn(
     invalid or the ranks disagree, `tokenring.BackendError` when no backend
     fits, and `tokenring.CommTimeout` when a peer stops answering.
     """
+    group = resolve_group(group)  # a DeviceMesh: its context-parallel group
     chosen, executor, backend_problem = _backend_and_executor(backend, q, group)
     comm = executor.comm
     if layout is None:

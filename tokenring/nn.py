@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .api import token_ring_attn
+from .groups import resolve_group
 from .layout import default_layout, parse_layout
 from .sequence import local_positions, rank_and_world_size
 
@@ -84,6 +85,7 @@ def token_ring_attention(
     layout. ``rope_base=None`` applies no rotary embedding. The other
     arguments are `tokenring.token_ring_attn`'s. Returns (B, S_local, Hq, D).
     """
+    group = resolve_group(group)  # a DeviceMesh: its context-parallel group
     if layout is None:
         layout = default_layout(causal)
     if rope_base is not None:

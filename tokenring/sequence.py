@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .groups import resolve_group
 from .layout import Layout, parse_layout, shard, unshard
 
 IGNORE_INDEX = -100  # what torch's cross_entropy and Hugging Face models skip
@@ -54,6 +55,7 @@ __all__ = [
 
 def rank_and_world_size(group: Any = None) -> tuple[int, int]:
     """This process's rank in ``group`` (default: the world group) and the group's size."""
+    group = resolve_group(group)  # a DeviceMesh: its context-parallel group
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "argument 'group': torch.distributed is not initialised; call "
@@ -192,7 +194,7 @@ def gather_sequence(
     gradient reaching each rank is the gradient of its own shard.
     """
     dim = dim % local.dim()
-    return _GatherSequence.apply(local, dim, parse_layout(layout), group)
+    return _GatherSequence.apply(local, dim, parse_layout(layout), resolve_group(group))
 
 
 class _SumOfShares(torch.autograd.Function):
@@ -225,6 +227,7 @@ def causal_lm_loss(
     every rank. Its backward gives each rank's parameters only that rank's
     share of the gradient: call `all_reduce_gradients` after ``backward()``.
     """
+    group = resolve_group(group)  # a DeviceMesh: its context-parallel group
     if logits.shape[:-1] != shift_labels.shape:
         raise ValueError(
             f"argument 'shift_labels': expected shape {tuple(logits.shape[:-1])} (the logits' without the "
@@ -253,6 +256,7 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], *, group: Any
     raises, naming the first parameter that differs.
     """
     parameters = list(parameters)
+    group = resolve_group(group)  # a DeviceMesh: its context-parallel group
     _, world_size = rank_and_world_size(group)
     if not parameters:
         return
