@@ -12,20 +12,30 @@ what splitting the sequence saves.
 
     python examples/long_context_prefill.py                    # 16384 tokens, 2 ranks
     python examples/long_context_prefill.py --world-size 4 --seq-len 32768 --budget-mib 300
+    torchrun --nproc-per-node 4 examples/long_context_prefill.py --seq-len 32768
+
+Started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in
+the environment: the env:// rendezvous), the ranks are torchrun's: each runs
+its shard in its own process, with the machine's cores shared among the
+node's ranks, and rank 0 runs the one-process prefill afterwards (a process
+of its own), compares and prints. Multi-node: torchrun's --nnodes and
+rendezvous options (README.md).
 
 Exit status 0 when the logits agree (relative error under 1e-4) and every
-rank's peak is below the single process's.
+rank's peak is below the single process's (under torchrun, on every rank).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 
 import tokenring
+from tokenring.registry import registry
 from tokenring.tools.launch import LocalWorld
-from tokenring.testing.model_tasks import PREFILL_CONFIG
+from tokenring.testing.model_tasks import PREFILL_CONFIG, prefill
 from tokenring.tools.problems import relative_error
 from tokenring.tools.tasks import from_bytes
 
@@ -45,7 +55,7 @@ def run_prefill(world_size: int, args: argparse.Namespace) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--world-size", type=int, default=None, help="ranks to start (default 2); under torchrun, torchrun's")
     parser.add_argument("--seq-len", type=int, default=16384, help="prompt length, all ranks together")
     parser.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous"])
     parser.add_argument("--budget-mib", type=float, default=160.0,
@@ -55,11 +65,63 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
 
+    if all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")):
+        if args.world_size not in (None, int(os.environ["WORLD_SIZE"])):
+            parser.error(f"under torchrun the world size is torchrun's ({os.environ['WORLD_SIZE']}); "
+                         f"--world-size {args.world_size} is for the self-launched script")
+        return prefill_in_torchrun_world(args)
+    args.world_size = args.world_size or 2
+    print_model(args)
+    single = run_prefill(1, args)[0]
+    return report(args, single, run_prefill(args.world_size, args))
+
+
+def prefill_in_torchrun_world(args: argparse.Namespace) -> int:
+    """This process is one rank of torchrun's world: prefill its shard, gather to rank 0, compare there."""
+    import torch
+    import torch.distributed as dist
+
+    # What run_prefill's environment does for the ranks it starts, done from inside: the same
+    # cores in all (torchrun sets OMP_NUM_THREADS=1), and large blocks straight from mmap.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        _mmap_threshold(MIB)
+    os.environ["TOKENRING_BACKEND"] = args.backend
+    backend = registry.get(args.backend)
+    backend.prepare_process(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend.distributed_backend)   # env://
+    rank, args.world_size = dist.get_rank(), dist.get_world_size()
+    try:
+        if rank == 0:
+            print_model(args)
+        mine = prefill(rank, args.world_size, PREFILL_CONFIG, args.seed, args.seq_len, args.layout)
+        ranks = [None] * args.world_size if rank == 0 else None
+        dist.gather_object(mine, ranks, dst=0)
+        # The one-process run starts once the ranks are done, so it has the cores to itself.
+        status = [report(args, run_prefill(1, args)[0], ranks) if rank == 0 else None]
+        dist.broadcast_object_list(status, src=0)
+        return status[0]
+    finally:
+        dist.destroy_process_group()
+
+
+def _mmap_threshold(nbytes: int) -> None:
+    """glibc's M_MMAP_THRESHOLD, as MALLOC_MMAP_THRESHOLD_ sets it at start; elsewhere nothing."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, nbytes)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def print_model(args: argparse.Namespace) -> None:
     c = PREFILL_CONFIG
     print(f"model: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads ({c.num_kv_heads} KV), "
           f"MLP {c.intermediate_size}, vocab {c.vocab_size}; prompt {args.seq_len} tokens, layout {args.layout}")
-    single = run_prefill(1, args)[0]
-    ranks = run_prefill(args.world_size, args)
+
+
+def report(args: argparse.Namespace, single: dict, ranks: list[dict]) -> int:
+    """Print the comparison of the one-process run with the ranks'; the exit status."""
     next_logits = [from_bytes(r["next_logits"]) for r in ranks if r["next_logits"] is not None]
     error = relative_error(next_logits[0], from_bytes(single["next_logits"]))
 
@@ -78,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"next-token logits, {args.world_size} ranks vs 1 process: relative error {error:.2e}")
     print(f"{'OK' if ok else 'FAILED'}: budget {args.budget_mib:.0f} MiB: one process {over} it ({single_mib:.0f} MiB); "
           f"every one of {args.world_size} ranks {fits} (largest {max(rank_mib):.0f} MiB, "
-          f"{max(rank_mib) / single_mib:.2f} of one process)")
+          f"{max(rank_mib) / single_mib:.2f} of one process)", flush=True)
     return 0 if ok else 1
 
 
