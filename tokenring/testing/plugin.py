@@ -28,6 +28,12 @@ Fixtures (the names are API, see CHANGELOG.md):
     next use.
 ``tokenring_seed``
     A fresh random seed per test, printed with every failure.
+
+Warnings: pytest's deprecation warnings (``PytestDeprecationWarning``, the
+parent of ``PytestRemovedIn10Warning`` and its successors) raised while one
+of the suite's own tests runs (set-up, call, tear-down) are errors, so a
+suite that would break on the next pytest fails here first. Only the
+suite's tests get that filter; a backend's other tests keep their own.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ from ..interfaces import Backend, BackendError
 from ..tools.launch import LocalWorld
 
 DEFAULT_WORLD_SIZES = (1, 2, 3, 4)
+# The module whose tests get SUITE_WARNING_FILTERS (not imported here: it is collected, or imported by a test module).
+SUITE_MODULE = "tokenring.testing.suite"
+# Deprecations pytest raises about the suite's own code: errors, so CI sees them before pytest's next major release.
+SUITE_WARNING_FILTERS = ("error::pytest.PytestDeprecationWarning",)
 # Short enough that a hang fails a test quickly, long enough for a loaded 2-core machine.
 WORKER_TIMEOUT_S = 30.0
 
@@ -57,6 +67,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "tokenring_world_size(n): a multi-rank test at world size n (skipped above the backend's limit)"
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    strict = pytest.mark.filterwarnings(*SUITE_WARNING_FILTERS)
+    for item in items:
+        if is_suite_test(item):
+            item.add_marker(strict)
+
+
+def is_suite_test(item: pytest.Item) -> bool:
+    """Whether ``item`` is one of the suite's tests, collected from the suite or from a module importing its classes."""
+    function = getattr(item, "function", None)
+    return getattr(function, "__module__", None) == SUITE_MODULE
 
 
 def requested_world_sizes(config: pytest.Config) -> list[int]:

@@ -106,12 +106,16 @@ def _randn(shape, dtype, device, scale=1.0):
 class TestKernelContract:
     """`AttentionKernel` against float64 plain attention, one block in this process."""
 
+    # Class-scoped fixtures are classmethods: pytest deprecates (and pytest 10
+    # refuses) them as instance methods, whose `self` is no test's instance.
     @pytest.fixture(scope="class")
-    def kernel(self, tokenring_backend) -> AttentionKernel:
+    @classmethod
+    def kernel(cls, tokenring_backend) -> AttentionKernel:
         return tokenring_backend.create_kernel()
 
     @pytest.fixture(scope="class")
-    def device(self, tokenring_backend) -> torch.device:
+    @classmethod
+    def device(cls, tokenring_backend) -> torch.device:
         return tokenring_backend.device(0)
 
     def _forward(self, backend, kernel, device, dtype, *, q_len, k_len, heads, head_dim, mask, scale, spread=1.0):
