@@ -140,6 +140,12 @@ def token_ring_attn(
     invalid or the ranks disagree, `tokenring.BackendError` when no backend
     fits, and `tokenring.CommTimeout` when a peer stops answering.
     """
+    # -- torch.compile route (tokenring/compiled.py): checks, agreement and attention as custom ops --
+    if torch.compiler.is_dynamo_compiling():  # Dynamo is tracing this call
+        from .compiled import compiled_token_ring_attn
+        return compiled_token_ring_attn(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
+                                        backend=backend, layout=layout, algorithm=algorithm, return_lse=return_lse)
+    # -- end of the torch.compile route --
     group = resolve_group(group)  # a DeviceMesh: its context-parallel group
     chosen, executor, backend_problem = _backend_and_executor(backend, q, group)
     comm = executor.comm
@@ -177,11 +183,10 @@ def token_ring_attn(
 
     assert plan is not None
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    if needs_grad:
-        out, lse = _Attention.apply(q, k, v, executor, plan, backward_plan, scale, wait_s)
-    else:
-        with _recording(comm):
-            out, lse = executor.forward(plan, q, k, v, scale=scale, timeout_s=wait_s)
+    # -- the custom op tokenring::attention (tokenring/compiled.py) runs the agreed call --
+    from .compiled import attend
+    out, lse = attend(q, k, v, executor, plan, backward_plan, scale=scale, wait_s=wait_s)
+    # -- end of the custom op route --
     return (out, lse) if return_lse else out
 
 
