@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import os
+import sys
 import threading
 from typing import Any, Iterator
 
@@ -29,6 +31,17 @@ def timeout_s() -> float:
 
 _executors: dict[tuple[str, Any], Executor] = {}
 _executors_lock = threading.Lock()
+
+
+@atexit.register
+def _forget_executors() -> None:
+    """Drop the cached executors, and with them their comms' process groups, while the interpreter
+    still runs: a gloo group freed during interpreter shutdown can abort the process."""
+    with _executors_lock:
+        _executors.clear()
+    compiled = sys.modules.get(f"{__package__}.compiled")
+    if compiled is not None:
+        compiled.forget_states()
 
 
 def _executor(backend: Backend, group: Any) -> Executor:
@@ -201,33 +214,3 @@ def _recording(comm):
         if log is not None:
             log.extend(comm.sent)
         comm.sent.clear()
-
-
-class _Attention(torch.autograd.Function):
-    """token_ring_attn as one autograd node; its backward runs the backward plan.
-
-    lse is returned but is not differentiable: gradients flow through out only.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, executor, plan, backward_plan, scale, wait_s):
-        with _recording(executor.comm):
-            out, lse = executor.forward(plan, q, k, v, scale=scale, timeout_s=wait_s)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.executor, ctx.backward_plan, ctx.scale, ctx.wait_s = executor, backward_plan, scale, wait_s
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        if torch.is_grad_enabled():
-            raise TokenRingError(
-                "token_ring_attn does not support double backward (create_graph=True): "
-                "its backward is not itself differentiable"
-            )
-        q, k, v, out, lse = ctx.saved_tensors
-        with _recording(ctx.executor.comm):
-            dq, dk, dv = ctx.executor.backward(
-                ctx.backward_plan, q, k, v, out, lse, dout.contiguous(), scale=ctx.scale, timeout_s=ctx.wait_s
-            )
-        return dq, dk, dv, None, None, None, None, None

@@ -61,6 +61,13 @@ _handles: dict = {}
 _states_lock = threading.Lock()
 
 
+def forget_states() -> None:
+    """Drop every call state (and the executors it keeps alive); see `tokenring.api._forget_executors`."""
+    with _states_lock:
+        _states.clear()
+        _handles.clear()
+
+
 def _plan_key(plan: Optional[Plan]) -> tuple:
     """What a plan was built from: its compared fields but its steps, which those determine.
 
