@@ -25,7 +25,8 @@ from .interfaces import (
 from .layout import Layout, shard, unshard
 from .plan import Plan, ProblemShape, Schedule, Span
 from .plans import build_plan, schedule_names
-from .api import record_traffic, token_ring_attn
+from .api import token_ring_attn
+from .traffic import record_traffic
 from .reference import reference_attention
 from .registry import registry
 from . import nn, sequence  # noqa: E402  (drop-in module and batch helpers: tokenring.nn, tokenring.sequence)

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import contextvars
 import os
-import sys
 import threading
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from .executor import Executor
 from .groups import resolve_group
-from .interfaces import Backend, BackendError, InputError, LinkTraffic, TokenRingError
+from .interfaces import Backend, BackendError, InputError, TokenRingError
 from .layout import Layout, default_layout
 from .plans import build_plan
 from .registry import registry
 from .plancheck import PlanError
+from .compiled import attend, compiled_token_ring_attn, forget_states, use_eager_call
 from .validation import agree, call_signature, local_problem, plan_problem
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -39,9 +38,7 @@ def _forget_executors() -> None:
     still runs: a gloo group freed during interpreter shutdown can abort the process."""
     with _executors_lock:
         _executors.clear()
-    compiled = sys.modules.get(f"{__package__}.compiled")
-    if compiled is not None:
-        compiled.forget_states()
+    forget_states()
 
 
 def _executor(backend: Backend, group: Any) -> Executor:
@@ -52,24 +49,6 @@ def _executor(backend: Backend, group: Any) -> Executor:
             executor = Executor(backend.create_comm(group), backend.create_kernel())
             _executors[key] = executor
         return executor
-
-
-_traffic_log: contextvars.ContextVar[list[LinkTraffic] | None] = contextvars.ContextVar("tokenring_traffic", default=None)
-
-
-@contextlib.contextmanager
-def record_traffic() -> Iterator[list[LinkTraffic]]:
-    """Collect, into the yielded list, the bytes this rank's Comm sent during the block.
-
-    Each entry is a `LinkTraffic` (step, src, dst, bytes), one per message, in
-    send order, as the backend's Comm counted it.
-    """
-    log: list[LinkTraffic] = []
-    token = _traffic_log.set(log)
-    try:
-        yield log
-    finally:
-        _traffic_log.reset(token)
 
 
 def _resolve_backend(backend: str | None, q: Any) -> Backend:
@@ -155,7 +134,6 @@ def token_ring_attn(
     """
     # -- torch.compile route (tokenring/compiled.py): checks, agreement and attention as custom ops --
     if torch.compiler.is_dynamo_compiling():  # Dynamo is tracing this call
-        from .compiled import compiled_token_ring_attn
         return compiled_token_ring_attn(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
                                         backend=backend, layout=layout, algorithm=algorithm, return_lse=return_lse)
     # -- end of the torch.compile route --
@@ -197,20 +175,9 @@ def token_ring_attn(
     assert plan is not None
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     # -- the custom op tokenring::attention (tokenring/compiled.py) runs the agreed call --
-    from .compiled import attend
     out, lse = attend(q, k, v, executor, plan, backward_plan, scale=scale, wait_s=wait_s)
     # -- end of the custom op route --
     return (out, lse) if return_lse else out
 
 
-@contextlib.contextmanager
-def _recording(comm):
-    """Hand what the Comm sends during the block to an active `record_traffic`."""
-    comm.sent.clear()
-    try:
-        yield
-    finally:
-        log = _traffic_log.get()
-        if log is not None:
-            log.extend(comm.sent)
-        comm.sent.clear()
+use_eager_call(token_ring_attn)  # the custom operators sit below this API and call back into it

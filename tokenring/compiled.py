@@ -39,6 +39,16 @@ from torch import Tensor
 
 from .interfaces import TokenRingError, accumulation_dtype
 from .plan import Plan
+from .traffic import recording
+
+# token_ring_attn, handed over by tokenring.api when it loads: the operators sit
+# below the API (which routes calls through them) and call back into it.
+_eager_call: Any = None
+
+
+def use_eager_call(function: Any) -> None:
+    global _eager_call
+    _eager_call = function
 
 __all__ = ["agree_op", "attention_op", "attention_backward_op", "attend", "compiled_token_ring_attn"]
 
@@ -117,8 +127,7 @@ def agree_op(
     grad mode (inside an operator no tensor requires grad): the agreement and
     the backward plan follow it. The group is the default (world) group.
     """
-    from .api import token_ring_attn
-
+    token_ring_attn = _eager_call
     if needs_grad:  # token_ring_attn reads it off the tensors and the grad mode
         q = q.detach().requires_grad_()
     waiting: list = []
@@ -141,10 +150,8 @@ def _agree_fake(q, k, v, needs_grad, causal, softmax_scale, layout, algorithm, b
 @torch.library.custom_op("tokenring::attention", mutates_args=())
 def attention_op(q: Tensor, k: Tensor, v: Tensor, handle: Tensor) -> tuple[Tensor, Tensor]:
     """(out, lse) of this rank's queries, for the agreed call registered as ``handle``."""
-    from .api import _recording
-
     state = _state(handle)
-    with _recording(state.executor.comm):
+    with recording(state.executor.comm):
         out, lse = state.executor.forward(state.plan, q, k, v, scale=state.scale, timeout_s=state.wait_s)
     # Fresh, contiguous tensors, as the fake implementation promises.
     return out.contiguous(), lse.contiguous()
@@ -161,14 +168,12 @@ def attention_backward_op(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor, handle: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of this rank's shard: the backward plan of the call registered as ``handle``."""
-    from .api import _recording
-
     state = _state(handle)
     if state.backward_plan is None:
         raise TokenRingError(
             "token_ring_attn: backward of a call whose inputs did not require grad when the ranks agreed on it"
         )
-    with _recording(state.executor.comm):
+    with recording(state.executor.comm):
         dq, dk, dv = state.executor.backward(
             state.backward_plan, q, k, v, out, lse, dout.contiguous(), scale=state.scale, timeout_s=state.wait_s
         )
@@ -247,9 +252,7 @@ def compiled_token_ring_attn(
     """token_ring_attn while torch.compile traces: the agree operator, then the attention operator."""
     layout = getattr(layout, "value", layout)  # a tokenring.Layout: its name
     if not _in_graph(q, k, v, causal, softmax_scale, group, layout, algorithm, backend):
-        from .api import token_ring_attn
-
-        return torch.compiler.disable(token_ring_attn)(
+        return torch.compiler.disable(_eager_call)(
             q, k, v, causal=causal, softmax_scale=softmax_scale, group=group, backend=backend, layout=layout,
             algorithm=algorithm, return_lse=return_lse,
         )
