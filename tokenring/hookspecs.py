@@ -3,7 +3,8 @@
 Plugins are found through the entry-point group ``tokenring.backends``; each
 entry point names a module (or object) that implements some of the hooks
 below, marked with ``@tokenring.hookimpl``. First-party backends use exactly
-this path.
+this path; first-party schedules implement the same schedule hook from the
+modules of `tokenring.schedules`, which are found by scanning that package.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Finding, validating and choosing backends.
+"""Finding, validating and choosing backends, and finding the schedules.
 
-Discovery loads every entry point of the ``tokenring.backends`` group into one
-pluggy plugin manager, then asks each plugin to register its backends. A
+Discovery loads the first-party schedule modules (`tokenring.schedules`) and
+every entry point of the ``tokenring.backends`` group into one pluggy plugin
+manager, then asks each plugin to register its schedules and backends. A
 plugin that fails to import, fails to register, or registers something
 invalid (a name already taken, where built-in backends register first, or
 an object lacking a required attribute or method) is recorded with its distribution and the reason; it never stops the
