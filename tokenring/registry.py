@@ -290,67 +290,55 @@ def _discover(
         if registered_name is not None:
             distribution_of[registered_name] = distribution
 
-    for impl in manager.hook.tokenring_register_backends.get_hookimpls():
-        distribution = distribution_of.get(impl.plugin_name, "<unknown distribution>")
-        register = _make_register(entries, broken, distribution)
-        try:
-            impl.function(register=register)
-        except Exception as exc:
-            broken.append(
-                BackendEntry(impl.plugin_name.split("@")[0], distribution, error=f"registration raised {_short_error(exc)}")
-            )
+    _collect(manager.hook.tokenring_register_backends, distribution_of, entries, broken, _validate_backend,
+             lambda name, dist, obj=None, error=None: BackendEntry(name, dist, backend=obj, error=error))
     schedules: dict[str, ScheduleEntry] = {}
     broken_schedules: list[ScheduleEntry] = []
-    for impl in manager.hook.tokenring_register_schedules.get_hookimpls():  # in registration order
-        distribution = distribution_of.get(impl.plugin_name, "<unknown distribution>")
-        try:
-            impl.function(register=_make_schedule_register(schedules, broken_schedules, distribution))
-        except Exception as exc:
-            name = impl.plugin_name.split("@")[0]
-            broken_schedules.append(ScheduleEntry(name, distribution, error=f"registration raised {_short_error(exc)}"))
+    _collect(manager.hook.tokenring_register_schedules, distribution_of, schedules, broken_schedules,
+             _validate_schedule, lambda name, dist, obj=None, error=None: ScheduleEntry(name, dist, schedule=obj, error=error))
     return entries, broken, schedules, broken_schedules, manager.hook
 
 
-def _make_schedule_register(
-    schedules: dict[str, ScheduleEntry], broken: list[ScheduleEntry], distribution: str
-) -> Callable[[Schedule], None]:
-    def register(schedule: Schedule) -> None:
-        name = getattr(schedule, "name", None)
-        label = name if isinstance(name, str) and name else repr(schedule)
-        problem = None
-        if not isinstance(schedule, Schedule):
-            problem = f"expected a tokenring.Schedule, got {type(schedule).__name__}"
-        elif not (isinstance(name, str) and name and name.strip() == name and "," not in name):
-            problem = f"schedule name must be a non-empty string without commas or outer spaces, got {name!r}"
-        elif not callable(schedule.build):
-            problem = f"schedule {name!r}: build is not callable"
-        elif not schedule.layouts or not all(isinstance(x, Layout) for x in schedule.layouts):
-            problem = f"schedule {name!r}: layouts must be a non-empty tuple of tokenring.Layout"
-        elif name in schedules:
-            problem = f"name {name!r} is already registered by {schedules[name].distribution}"
-        if problem is not None:
-            broken.append(ScheduleEntry(label, distribution, error=problem))
-            return
-        schedules[name] = ScheduleEntry(name, distribution, schedule=schedule)
+def _collect(hook: Any, distribution_of: dict[str, str], entries: dict, broken: list,
+             validate: Callable[[Any], str | None], make_entry: Callable[..., Any]) -> None:
+    """Call every implementation of a registration hook, in registration order (first-party first).
 
-    return register
+    Each registered object is validated; a refused one, a name already taken,
+    or a registration that raises is recorded in ``broken`` with the plugin's
+    distribution and the reason, and never stops the other registrations.
+    """
+    for impl in hook.get_hookimpls():
+        distribution = distribution_of.get(impl.plugin_name, "<unknown distribution>")
+
+        def register(obj: Any, distribution: str = distribution) -> None:
+            name = getattr(obj, "name", None)
+            label = name if isinstance(name, str) and name else repr(obj)
+            problem = validate(obj)
+            if problem is None and name in entries:
+                problem = f"name {name!r} is already registered by {entries[name].distribution}"
+            if problem is not None:
+                broken.append(make_entry(label, distribution, error=problem))
+            else:
+                entries[name] = make_entry(name, distribution, obj)
+
+        try:
+            impl.function(register=register)
+        except Exception as exc:
+            broken.append(make_entry(impl.plugin_name.split("@")[0], distribution,
+                                     error=f"registration raised {_short_error(exc)}"))
 
 
-def _make_register(
-    entries: dict[str, BackendEntry], broken: list[BackendEntry], distribution: str
-) -> Callable[[Backend], None]:
-    def register(backend: Backend) -> None:
-        name = getattr(backend, "name", None)
-        label = name if isinstance(name, str) and name else repr(backend)
-        problem = _validate_backend(backend)
-        if problem is None and name in entries:
-            problem = f"name {name!r} is already registered by {entries[name].distribution}"
-        if problem is not None:
-            broken.append(BackendEntry(label, distribution, error=problem))
-            return
-        entries[name] = BackendEntry(name, distribution, backend=backend)
-
-    return register
+def _validate_schedule(schedule: Any) -> str | None:
+    name = getattr(schedule, "name", None)
+    if not isinstance(schedule, Schedule):
+        return f"expected a tokenring.Schedule, got {type(schedule).__name__}"
+    if not (isinstance(name, str) and name and name.strip() == name and "," not in name):
+        return f"schedule name must be a non-empty string without commas or outer spaces, got {name!r}"
+    if not callable(schedule.build):
+        return f"schedule {name!r}: build is not callable"
+    if not schedule.layouts or not all(isinstance(x, Layout) for x in schedule.layouts):
+        return f"schedule {name!r}: layouts must be a non-empty tuple of tokenring.Layout"
+    return None
 
 
 def _validate_backend(backend: Any) -> str | None:
