@@ -82,7 +82,7 @@ def test_compiled_call_gives_eager_outputs_gradients_and_traffic(worlds, seed, g
 BAD_CALLS = {
     # name: (changes per rank, expected fragments, culprit rank or None for all ranks)
     # Checked when the graph runs, by the agree operator:
-    "NaN in q on one rank": ({1: {"q_fill": float("nan")}}, ["argument 'q'", "finite"], 1),
+    "NaN in q on one rank": ({"all": {"checks": "full"}, 1: {"q_fill": float("nan")}}, ["argument 'q'", "finite"], 1),
     "ranks disagree on causal": ({1: {"causal": True, "layout": "contiguous"}}, ["argument 'causal'"], None),
     # Not fit for the operators' schemas: token_ring_attn runs eagerly (a graph break), and raises as ever:
     "q has 3 dims on one rank": ({1: {"q_shape": (2, 8, 16)}}, ["argument 'q'", "4 dimensions"], 1),

@@ -17,8 +17,10 @@ from .layout import Layout, default_layout
 from .plans import build_plan
 from .registry import registry
 from .plancheck import PlanError
+from .agreement import agree, call_signature, signature_key
 from .compiled import attend, compiled_token_ring_attn, forget_states, use_eager_call
-from .validation import agree, call_signature, local_problem, plan_problem
+from .executor import problem_shape
+from .validation import local_problem, plan_problem
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -169,13 +171,24 @@ def token_ring_attn(
         q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=algorithm,
         backend=chosen, needs_grad=needs_grad,
     )
+    key = signature_key(signature)
     wait_s = timeout_s()
-    agree(comm, signature, problem, timeout_s=wait_s, error=BackendError if backend_problem else InputError)
+    agreement = executor.agreement
+    if problem is None and agreement.covers(key):  # the call the ranks last agreed on: no gather
+        agreement.skips += 1
+    else:
+        agreement.gathers += 1
+        agreed, _ = agreement.agreed, agreement.forget()
+        if agreed is not None:  # peers may be running the agreed call: stop them (tokenring/agreement.py)
+            executor.stop_agreed_call(agreed, timeout_s=wait_s)
+        agree(comm, signature, problem, timeout_s=wait_s, error=BackendError if backend_problem else InputError)
+        assert plan is not None
+        agreement.remember(comm, key, plan, problem_shape(q, k), q.dtype)
 
     assert plan is not None
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     # -- the custom op tokenring::attention (tokenring/compiled.py) runs the agreed call --
-    out, lse = attend(q, k, v, executor, plan, backward_plan, scale=scale, wait_s=wait_s)
+    out, lse = attend(q, k, v, executor, plan, backward_plan, scale=scale, wait_s=wait_s, signature=key)
     # -- end of the custom op route --
     return (out, lse) if return_lse else out
 

@@ -30,6 +30,7 @@ instead (see `_in_graph`). See docs/compile.md.
 
 import contextvars
 import dataclasses
+import json
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -37,6 +38,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from .agreement import PeerAborted, agree
 from .interfaces import TokenRingError, accumulation_dtype
 from .plan import Plan
 from .traffic import recording
@@ -64,6 +66,7 @@ class _CallState:
     backward_plan: Optional[Plan]  # None when no input required grad when the ranks agreed
     scale: float
     wait_s: float
+    signature: str  # the agreed call's signature (tokenring.agreement.signature_key)
 
 
 _states: list = []
@@ -91,7 +94,8 @@ def _plan_key(plan: Optional[Plan]) -> tuple:
 
 def _register(state: _CallState) -> Tensor:
     """The handle of ``state``, as the int64 CPU scalar the operators take; equal calls share one."""
-    key = (id(state.executor), _plan_key(state.plan), _plan_key(state.backward_plan), state.scale, state.wait_s)
+    key = (id(state.executor), _plan_key(state.plan), _plan_key(state.backward_plan), state.scale, state.wait_s,
+           state.signature)
     with _states_lock:
         handle = _handles.get(key)
         if handle is None:
@@ -102,7 +106,8 @@ def _register(state: _CallState) -> Tensor:
 
 
 def _state(handle: Tensor) -> _CallState:
-    index = int(handle.item())
+    # The handle lives in host memory (the fakes say so): read it through numpy, no device op, no sync.
+    index = int(handle.numpy())
     with _states_lock:
         if not 0 <= index < len(_states):
             raise TokenRingError(f"tokenring custom op: no call state with handle {index} in this process")
@@ -151,8 +156,15 @@ def _agree_fake(q, k, v, needs_grad, causal, softmax_scale, layout, algorithm, b
 def attention_op(q: Tensor, k: Tensor, v: Tensor, handle: Tensor) -> tuple[Tensor, Tensor]:
     """(out, lse) of this rank's queries, for the agreed call registered as ``handle``."""
     state = _state(handle)
-    with recording(state.executor.comm):
-        out, lse = state.executor.forward(state.plan, q, k, v, scale=state.scale, timeout_s=state.wait_s)
+    executor = state.executor
+    with recording(executor.comm):
+        try:
+            out, lse = executor.forward(state.plan, q, k, v, scale=state.scale, timeout_s=state.wait_s)
+        except PeerAborted as stopped:  # a peer's call differs: join the gather it went to, which says how
+            executor.agreement.forget()
+            executor.agreement.gathers += 1
+            agree(executor.comm, json.loads(state.signature), None, timeout_s=state.wait_s, stopped_by=stopped)
+            raise
     # Fresh, contiguous tensors, as the fake implementation promises.
     return out.contiguous(), lse.contiguous()
 
@@ -209,13 +221,13 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 # -- the ways in from token_ring_attn -----------------------------------------------------------
 
 def attend(q: Tensor, k: Tensor, v: Tensor, executor: Any, plan: Plan, backward_plan: Optional[Plan], *,
-           scale: float, wait_s: float) -> tuple:
+           scale: float, wait_s: float, signature: str) -> tuple:
     """token_ring_attn's last step: run the agreed call through the attention operator; (out, lse).
 
     Inside the agree operator it only registers the call and leaves its
     handle for the graph, returning (None, None).
     """
-    handle = _register(_CallState(executor, plan, backward_plan, float(scale), float(wait_s)))
+    handle = _register(_CallState(executor, plan, backward_plan, float(scale), float(wait_s), signature))
     waiting = _agreeing.get()
     if waiting is not None:
         waiting.append(handle)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 
 from . import timeline
+from .agreement import AgreedCall, Agreement, PeerAborted, is_marker, marker_tensor
 from .buffers import RESULTS, BufferPool, Holdings, Key, narrow
+from .finite import nan_if_not_finite
 from .interfaces import AttentionKernel, Channel, Comm, Handle, Recv, Send, accumulation_dtype
 from .merge import merge_partial_
 from .plan import ALL, Block, Payload, Plan, ProblemShape, Span, Step, Transfer
@@ -26,16 +28,58 @@ class Executor:
         self.comm = comm
         self.kernel = kernel
         self.pool = BufferPool()
+        self.agreement = Agreement()  # what the ranks of this comm last agreed on (tokenring.agreement)
 
     def forward(self, plan: Plan, q, k, v, *, scale: float, timeout_s: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out, lse) of this rank's queries."""
+        """(out, lse) of this rank's queries.
+
+        Raises `PeerAborted` when a peer sent a marker instead of a message
+        (see `tokenring.agreement`), after playing the rest of the plan with markers.
+        """
         return _ForwardRun(self, plan, q, k, v, scale).run(timeout_s)
+
+    def stop_agreed_call(self, call: AgreedCall, *, timeout_s: float) -> None:
+        """Play ``call``'s plan with markers, so that peers running it stop and join the agreement."""
+        held = Holdings(self.pool, call.shape, call.dtype, accumulation_dtype(call.dtype), self.comm.device)
+        try:
+            for step in call.plan.steps:
+                _wait_all(_post_markers(self.comm, held, step), timeout_s)
+        finally:
+            held.release_all(failed=True)
 
     def backward(
         self, plan: Plan, q, k, v, out, lse, dout, *, scale: float, timeout_s: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dq, dk, dv) of this rank's shard, in the inputs' dtypes."""
         return _BackwardRun(self, plan, q, k, v, out, lse, dout, scale).run(timeout_s)
+
+
+def problem_shape(q: torch.Tensor, k: torch.Tensor) -> ProblemShape:
+    """The per-rank sizes of a call with these shards."""
+    batch, seq, q_heads, head_dim = q.shape
+    return ProblemShape(
+        batch=batch, seq_local=seq, q_heads=q_heads, kv_heads=k.shape[2], head_dim=head_dim,
+        itemsize=q.element_size(), acc_itemsize=torch.empty((), dtype=accumulation_dtype(q.dtype)).element_size(),
+        kv_len=k.shape[1],
+    )
+
+
+def _post_markers(comm: Comm, held: Holdings, step: Step) -> list[Handle]:
+    """A marker in place of each of the step's sends; receives of the plan's sizes, so anything fits."""
+    handles = []
+    marker = marker_tensor(held.device)
+    for channel in (Channel.QUERY, Channel.PARTIAL):
+        sends = [Send(t.dst, marker) for t in step.transfers if t.src == comm.rank and t.payload.channel is channel]
+        recvs = [Recv(t.src, held.message_buffer(t.payload, t.span)) for t in step.transfers
+                 if t.dst == comm.rank and t.payload.channel is channel]
+        if sends or recvs:
+            handles.append(comm.exchange(sends, recvs, channel=channel, step=step.index))
+    return handles
+
+
+def _wait_all(handles: list[Handle], timeout_s: float) -> None:
+    for handle in handles:
+        handle.wait(timeout_s)
 
 
 class _Exchange:
@@ -57,12 +101,7 @@ class _Run:
         self.rank = self.comm.rank
         self.dtype, self.device = q.dtype, q.device
         self.acc_dtype = accumulation_dtype(q.dtype)
-        batch, seq, q_heads, head_dim = q.shape
-        self.shape = ProblemShape(
-            batch=batch, seq_local=seq, q_heads=q_heads, kv_heads=k.shape[2], head_dim=head_dim,
-            itemsize=q.element_size(), acc_itemsize=torch.empty((), dtype=self.acc_dtype).element_size(),
-            kv_len=k.shape[1],
-        )
+        self.shape = problem_shape(q, k)
         executor.pool.keep_only_for((self.shape, self.dtype, self.device))
         self.held = Holdings(executor.pool, self.shape, self.dtype, self.acc_dtype, self.device)
         self.local_kv = (k, v)
@@ -79,25 +118,43 @@ class _Run:
 
     def run(self, timeout_s: float):
         failed = True
+        stopped: PeerAborted | None = None
         try:
             for step in self.plan.steps:
                 self.step_index = step.index
+                if stopped is not None:
+                    _wait_all(_post_markers(self.comm, self.held, step), timeout_s)
+                    continue
                 exchange = self._post(step)
                 for block in step.blocks_of(self.rank):
                     self._compute(block)
                 self._wait(exchange, timeout_s)
+                stopped = self._marker_in(exchange)
+                if stopped is not None:
+                    continue
                 merged = self.trace.clock()
                 for transfer, buffer in exchange.received:
                     self._arrive(transfer, buffer)
                 self.trace.merged(step.index, merged, exchange.received)
                 for key in self.release_after.get(step.index, ()):
                     self.held.release(key)
+            if stopped is not None:
+                raise stopped
             result = self.result()
             failed = False
         finally:
             self.held.release_all(failed)
         self.trace.finish()
         return result
+
+    def _marker_in(self, exchange: "_Exchange") -> PeerAborted | None:
+        """Whether a peer stopped the call: a marker arrived in place of a message (host buffers only)."""
+        if not self.watch_markers:
+            return None
+        for transfer, buffer in exchange.received:
+            if is_marker(buffer):
+                return PeerAborted(self.rank, transfer.src, self.step_index)
+        return None
 
     def _post(self, step: Step) -> _Exchange:
         """Hand the step's sends and receives to the Comm, one batch per channel."""
@@ -146,7 +203,11 @@ class _Run:
 
 class _ForwardRun(_Run):
     def __init__(self, executor, plan, q, k, v, scale):
+        # A NaN or infinity in q or k turns all of it into NaN (tokenring.finite): never a finite wrong answer.
+        q, k = nan_if_not_finite(q), nan_if_not_finite(k)
         super().__init__(executor, plan, q, k, v, scale)
+        # Only the forward is stopped by markers: the backward runs a call the ranks already agreed on.
+        self.watch_markers = self.device.type == "cpu" and getattr(self.comm, "accepts_short_messages", False)
         self.held.hold(Payload.QUERY, self.rank, ALL, {"q": q})
         self.acc_out: torch.Tensor | None = None
         self.acc_lse: torch.Tensor | None = None
@@ -199,6 +260,7 @@ class _ForwardRun(_Run):
 
 class _BackwardRun(_Run):
     query_payload = Payload.GRAD_QUERY
+    watch_markers = False
 
     def __init__(self, executor, plan, q, k, v, out, lse, dout, scale):
         super().__init__(executor, plan, q, k, v, scale)

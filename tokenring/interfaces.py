@@ -181,6 +181,10 @@ class Comm(abc.ABC):
     rank: int
     world_size: int
     device: torch.device
+    # Whether a receive completes with a message shorter than its buffer, filling the buffer's start.
+    # With it (and host buffers) the agreement gathers once per call signature, not on every call:
+    # a rank whose call changed stops its peers with short markers (tokenring.agreement).
+    accepts_short_messages: bool = False
 
     def __init__(self) -> None:
         self.sent: list[LinkTraffic] = []

@@ -1,25 +1,22 @@
-"""Checking arguments on each rank, and agreement across ranks, before any traffic.
+"""Checking each rank's own arguments before any traffic, without raising and without a device sync.
 
-Every rank first checks its own arguments without raising, then all ranks
-exchange a small description of their call (and their local error, if any).
-So a rank with bad input makes every rank raise at once, with a message that
-names the argument, the rank and what was expected, instead of leaving its
-peers waiting in a point-to-point exchange that never comes.
+Every rank checks its arguments here, reading only their metadata; the
+result goes into the cross-rank agreement (`tokenring.agreement`), so a rank
+with bad input makes every rank raise, with a message that names the
+argument, the rank and what was expected.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from typing import Any
 
 import torch
 
-from .interfaces import Backend, BackendError, Comm, InputError
+from .interfaces import Backend
 from .layout import Layout, parse_layout
 from .plans import parse_algorithm
-
-_API = "token_ring_attn"
 
 
 def _describe(t: Any) -> str:
@@ -80,7 +77,15 @@ def local_problem(
         return f"argument 'algorithm': {error}"
     if layout is Layout.ZIGZAG and seq % 2:
         return f"argument 'q': the zigzag layout needs an even S_local (two chunks per rank), got S_local = {seq}"
-    return _capability_problem(q, k, causal, backend) or _non_finite_problem(q, k, v)
+    problem = _capability_problem(q, k, causal, backend)
+    if problem is None and full_checks():
+        problem = _non_finite_problem(q, k, v)
+    return problem
+
+
+def full_checks() -> bool:
+    """Whether ``TOKENRING_CHECKS=full`` asks for the checks that read tensor values (a device sync each)."""
+    return os.environ.get("TOKENRING_CHECKS", "").strip().lower() == "full"
 
 
 def plan_problem(plan: Any, q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -96,8 +101,8 @@ def plan_problem(plan: Any, q: torch.Tensor, k: torch.Tensor) -> str | None:
 
 
 def _non_finite_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    # Kernels treat a NaN score row like a row that saw no key (out 0), so a
-    # NaN would come out as a finite, wrong answer; refuse it here instead.
+    # Opt-in: reading values waits for the device. By default non-finite inputs
+    # come out as NaN instead (tokenring.finite), which costs no sync.
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not bool(torch.isfinite(t).all()):
             return f"argument '{name}': expected finite values, got NaN or infinity"
@@ -123,58 +128,3 @@ def _capability_problem(q: torch.Tensor, k: torch.Tensor, causal: bool, backend:
     if causal and not caps.causal:
         return f"argument 'causal': backend {backend.name!r} does not support causal attention"
     return None
-
-
-def call_signature(q, k, v, *, causal, softmax_scale, layout, algorithm, backend: Backend, needs_grad: bool) -> dict:
-    """What every rank must agree on, as JSON-friendly values."""
-    def shape(t):
-        return list(t.shape) if isinstance(t, torch.Tensor) else None
-
-    return {
-        "shape of argument 'q'": shape(q),
-        "shape of argument 'k'": shape(k),
-        "shape of argument 'v'": shape(v),
-        "dtype of argument 'q'": str(q.dtype) if isinstance(q, torch.Tensor) else None,
-        "argument 'causal'": causal if isinstance(causal, bool) else repr(causal),
-        "argument 'softmax_scale'": (
-            softmax_scale if isinstance(softmax_scale, (int, float, type(None))) else repr(softmax_scale)
-        ),
-        "argument 'layout'": str(getattr(layout, "value", layout)),
-        "argument 'algorithm'": str(getattr(algorithm, "value", algorithm)),
-        "argument 'backend'": backend.name,
-        "whether q, k or v require grad": needs_grad,
-    }
-
-
-def agree(
-    comm: Comm, signature: dict, problem: str | None, *, timeout_s: float, error: type[Exception] = InputError
-) -> None:
-    """Raise on every rank if any rank is wrong or the ranks differ.
-
-    A rank's ``problem`` is raised as ``error`` on that rank and as the same
-    error type on every other rank; disagreement raises InputError.
-    """
-    rank = comm.rank
-    payload = json.dumps({"signature": signature, "problem": problem, "error": error.__name__}).encode()
-    if comm.world_size == 1:
-        everyone = [payload]
-    else:
-        everyone = comm.all_gather_bytes(payload, timeout_s=timeout_s)
-    calls = [json.loads(p) for p in everyone]
-    if problem is not None:
-        raise error(f"{_API} on rank {rank}: {problem}")
-    for other, call in enumerate(calls):
-        if call["problem"] is not None:
-            their_error = BackendError if call["error"] == BackendError.__name__ else InputError
-            raise their_error(
-                f"{_API} on rank {rank}: cannot run because rank {other} rejected its input: "
-                f"{_API} on rank {other}: {call['problem']}"
-            )
-    for field in signature:
-        values = [call["signature"].get(field) for call in calls]
-        if any(value != values[0] for value in values):
-            listing = ", ".join(f"rank {r} has {value!r}" for r, value in enumerate(values))
-            raise InputError(
-                f"{_API} on rank {rank}: {field} differs across ranks ({listing}); "
-                "every rank must pass the same"
-            )

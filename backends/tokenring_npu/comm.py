@@ -24,6 +24,8 @@ very code over gloo on a CPU.
 
 from __future__ import annotations
 
+import datetime
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -31,7 +33,9 @@ import torch
 import torch.distributed as dist
 
 from tokenring.kit import all_gather_bytes, wait_works
-from tokenring.interfaces import BackendError, Channel, Comm, Handle, Recv, Send
+from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, Recv, Send, TokenRingError
+
+BLOCKING_WAIT_ENV = "TOKENRING_NPU_BLOCKING_WAIT"
 
 _CHANNEL_TAGS = {Channel.QUERY: 0, Channel.PARTIAL: 1}
 
@@ -121,14 +125,22 @@ def scatter_received(message: WireMessage) -> None:
 
 
 class _BatchHandle(Handle):
-    def __init__(self, works, sent: list[WireMessage], received: list[WireMessage], where: str):
+    def __init__(self, works, sent: list[WireMessage], received: list[WireMessage], where: str, blocking: bool):
         self._works = works
         self._sent = sent            # keeps send buffers alive until the batch completes
         self._received = received
         self._where = where
+        self._blocking = blocking
 
     def wait(self, timeout_s: float) -> None:
-        wait_works(self._works, timeout_s, self._where)
+        if self._blocking:
+            wait_works(self._works, timeout_s, self._where)
+        else:
+            for work in self._works:
+                try:
+                    work.wait()  # HCCL: the current stream waits for the batch; the host goes on
+                except RuntimeError as error:
+                    raise TokenRingError(f"{self._where}: communication failed: {error}") from error
         # On an NPU, wait() orders the current stream after the transfer, so
         # these copies see the received bytes.
         for message in self._received:
@@ -141,13 +153,21 @@ class BatchedP2PComm(Comm):
 
     ``expected_backend`` names the torch.distributed backend the group must
     use ("hccl" for `HcclComm`; the tests use "gloo"); ``device`` is where
-    staging buffers and the agreement check's tensors live.
+    staging buffers live. The agreement gathers over a gloo group on the
+    host, so it never waits for the device.
+
+    Waits. By default a wait only orders the current stream after the batch
+    and the host goes on, as the CUDA Comm does; a silent peer is then caught
+    by HCCL's own timeout. ``TOKENRING_NPU_BLOCKING_WAIT=1`` (or
+    ``blocking_wait=True``) makes every wait block the host up to the call's
+    timeout and raise `CommTimeout`. On a CPU (gloo) the host blocks anyway,
+    so there waits are always bounded.
     """
 
     backend_label = "npu"
 
     def __init__(self, group=None, *, expected_backend: str, device: torch.device,
-                 batch_isend_irecv: Callable = dist.batch_isend_irecv) -> None:
+                 batch_isend_irecv: Callable = dist.batch_isend_irecv, blocking_wait: bool | None = None) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise BackendError(
@@ -166,6 +186,24 @@ class BatchedP2PComm(Comm):
         self.world_size = dist.get_world_size(group)
         self.device = torch.device(device)
         self._batch_isend_irecv = batch_isend_irecv
+        if blocking_wait is None:
+            blocking_wait = self.device.type == "cpu" or os.environ.get(BLOCKING_WAIT_ENV, "").strip() not in ("", "0")
+        self.blocking_wait = blocking_wait
+        self._agreement_group = group if "gloo" in backend_name else self._host_group(group)
+
+    def _host_group(self, group):
+        """A gloo group over the same ranks, for the agreement's few bytes of host data."""
+        if dist.get_world_size(group) == 1:
+            return group
+        seconds = float(os.environ.get("TOKENRING_TIMEOUT_S", 300.0))
+        try:
+            return dist.new_group(dist.get_process_group_ranks(group), backend="gloo", use_local_synchronization=True,
+                                  timeout=datetime.timedelta(seconds=seconds))
+        except Exception as error:
+            raise CommTimeout(
+                f"rank {self.rank}: creating the {self.backend_label} backend's agreement group: not every rank of "
+                f"the group took part within {seconds:.1f} s ({error})"
+            ) from error
 
     def exchange(self, sends, recvs, *, channel, step):
         for message, what in [(m, "send to") for m in sends] + [(m, "receive from") for m in recvs]:
@@ -182,13 +220,12 @@ class BatchedP2PComm(Comm):
             self._record_sent(step, m.peer, m.buffer.numel() * m.buffer.element_size())
         works = self._batch_isend_irecv(ops) if ops else []
         where = f"rank {self.rank}, step {step}, {Channel(channel).value} channel"
-        return _BatchHandle(works or [], outgoing, incoming, where)
+        return _BatchHandle(works or [], outgoing, incoming, where, self.blocking_wait)
 
     def all_gather_bytes(self, payload: bytes, *, timeout_s: float) -> list[bytes]:
-        # int32 rather than uint8: every HCCL version gathers int32.
         return all_gather_bytes(
-            payload, group=self.group, world_size=self.world_size, timeout_s=timeout_s,
-            where=f"rank {self.rank}, agreement check", device=self.device, dtype=torch.int32,
+            payload, group=self._agreement_group, world_size=self.world_size, timeout_s=timeout_s,
+            where=f"rank {self.rank}, agreement check",
         )
 
 

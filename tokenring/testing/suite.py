@@ -429,7 +429,8 @@ BAD_INPUT_WORLD_SIZE = 2
 BAD_INPUTS = {
     "q-has-3-dims-on-one-rank": ({1: {"q_shape": (2, 8, 4)}}, ["argument 'q'", "4 dimensions"], 1),
     "k-dtype-differs-from-q": ({"all": {"k_dtype": "float64"}}, ["argument 'k'", "dtype"], None),
-    "nan-in-q-on-one-rank": ({0: {"q_fill": float("nan")}}, ["argument 'q'", "finite"], 0),
+    # Values are read (a device sync) only with TOKENRING_CHECKS=full; see test_non_finite_input_comes_out_not_finite.
+    "nan-in-q-on-one-rank": ({"all": {"checks": "full"}, 0: {"q_fill": float("nan")}}, ["argument 'q'", "finite"], 0),
     "unknown-algorithm": ({"all": {"algorithm": "ulysses"}}, ["argument 'algorithm'", "'tokenring'"], None),
 }
 
@@ -464,6 +465,45 @@ class TestBadInput:
         assert_all_ranks_fail(results, name, error_type="Error")
 
     def test_the_world_still_works_after_bad_input(self, tokenring_worlds, tokenring_backend, tokenring_seed):
-        self._call(tokenring_worlds, tokenring_backend, tokenring_seed, {0: {"q_fill": float("nan")}})
+        self._call(tokenring_worlds, tokenring_backend, tokenring_seed, {0: {"q_dtype": "int64"}})
         results = self._call(tokenring_worlds, tokenring_backend, tokenring_seed, {})
         assert all(r.ok and r.value == "ok" for r in results), [r.error for r in results if not r.ok]
+
+    @pytest.mark.parametrize("name", ["q", "k", "v"])
+    @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+    def test_non_finite_input_comes_out_not_finite(self, tokenring_worlds, tokenring_backend, tokenring_seed,
+                                                   name, value):
+        """By default values are not read (no device sync), but a NaN or infinity never gives a finite answer.
+
+        A non-finite q of one rank spoils that rank's output; a non-finite k
+        or v spoils every rank's, since every rank's queries see some of them.
+        """
+        world_size = min(BAD_INPUT_WORLD_SIZE, tokenring_worlds.limit()[0] or BAD_INPUT_WORLD_SIZE)
+        problem = _problem(tokenring_worlds.backend_name, tokenring_backend, tokenring_seed, world_size)
+        # The first element's sign decides whether an infinity meets +inf or -inf scores; try both.
+        for sign in (1.0, -1.0):
+            changes = {0: {f"{name}_fill": value * sign}}
+            results = tokenring_worlds.get(world_size).run_ok("tokenring.testing.tasks.call_with", problem, changes,
+                                                              "finiteness", timeout_s=60)
+            expected = ["not finite"] + (["finite" if name == "q" else "not finite"] * (world_size - 1))
+            assert results == expected, (changes, results)
+
+    def test_a_rank_whose_call_changes_stops_every_rank(self, tokenring_worlds, tokenring_backend, tokenring_seed):
+        """After calls the ranks agreed on (which may skip the gather), one rank changes: every rank raises."""
+        world_size = min(3, tokenring_worlds.limit()[0] or 3)
+        if world_size < 2:
+            pytest.skip("needs two ranks")
+        problem = _problem(tokenring_worlds.backend_name, tokenring_backend, tokenring_seed, world_size)
+        changed = {"softmax_scale": 0.5}
+        calls = [{}, {}, {world_size - 1: changed}, {}]
+        started = time.monotonic()
+        per_rank = tokenring_worlds.get(world_size).run_ok("tokenring.testing.tasks.call_sequence", problem, calls,
+                                                           timeout_s=60)
+        assert time.monotonic() - started < 20, "the errors took too long to surface"
+        for rank, outcomes in enumerate(per_rank):
+            assert outcomes[:2] == ["ok", "ok"] and outcomes[3] == "ok", (rank, outcomes)
+            error_type, message = outcomes[2]
+            assert error_type == "InputError", (rank, outcomes[2])
+            assert f"on rank {rank}:" in message and "argument 'softmax_scale' differs" in message, message
+            assert f"rank {world_size - 1} has 0.5" in message, message
+

@@ -10,8 +10,12 @@ still names a task.
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenring
 
@@ -28,14 +32,16 @@ from ..tools.tasks import (  # noqa: F401  (re-exported: public names of this mo
 )
 
 
-def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: dict) -> str:
+def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: dict, report: str = "ok") -> str:
     """Call token_ring_attn with some ranks' arguments altered; returns "ok" or raises.
 
     ``per_rank_changes`` maps a rank (or "all") to changes: tensor edits
     ("q_shape", "k_shape", "v_shape" as new shapes; "<name>_dtype", "<name>_device",
     "<name>_fill" for a value put in its first element, "<name>_requires_grad")
     and keyword overrides ("causal", "layout", "algorithm", "softmax_scale",
-    "backend").
+    "backend"); "checks" sets TOKENRING_CHECKS for the call. With ``report``
+    "finiteness" it returns whether this rank's output is all finite
+    ("finite" or "not finite").
     """
     q, k, v = rank_inputs(problem, rank, world_size)
     changes = dict(per_rank_changes.get("all", {}))
@@ -53,26 +59,54 @@ def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: di
         if changes.pop(f"{name}_requires_grad", False):
             tensors[name].requires_grad_()
     kwargs = problem.attention_kwargs()
+    checks = changes.pop("checks", None)  # TOKENRING_CHECKS for this call
     kwargs.update(changes)
-    tokenring.token_ring_attn(tensors["q"], tensors["k"], tensors["v"], **kwargs)
-    return "ok"
+    with _environment("TOKENRING_CHECKS", checks):
+        out = tokenring.token_ring_attn(tensors["q"], tensors["k"], tensors["v"], **kwargs)
+    return "finite" if report == "finiteness" and bool(torch.isfinite(out).all()) else (
+        "not finite" if report == "finiteness" else "ok")
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None):
+    saved = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def agreement_counts(rank: int, world_size: int, backend: str | None = None) -> dict:
+    """The agreement's counters of this rank's default-group executor (tokenring.agreement.Agreement)."""
+    from ..api import _executors
+
+    agreement = next(e.agreement for (name, group), e in _executors.items()
+                     if group is None and (backend is None or name == backend))
+    return {"gathers": agreement.gathers, "skips": agreement.skips, "cached": agreement.agreed is not None}
+
+
+def call_sequence(rank: int, world_size: int, problem: Problem, calls: list) -> list:
+    """`call_with` once per entry of ``calls``; each outcome is "ok" or (error type name, message)."""
+    outcomes = []
+    for changes in calls:
+        try:
+            outcomes.append(call_with(rank, world_size, problem, changes))
+        except tokenring.TokenRingError as error:
+            outcomes.append((type(error).__name__, str(error)))
+    return outcomes
 
 
 def call_unless_absent(rank: int, world_size: int, problem: Problem, absent_rank: int, timeout_s: float) -> str:
     """Every rank but ``absent_rank`` calls token_ring_attn with a short timeout."""
-    import os
-
     if rank == absent_rank:
         return "absent"
-    saved = os.environ.get("TOKENRING_TIMEOUT_S")
-    os.environ["TOKENRING_TIMEOUT_S"] = str(timeout_s)
-    try:
+    with _environment("TOKENRING_TIMEOUT_S", str(timeout_s)):
         return call_with(rank, world_size, problem, {})
-    finally:
-        if saved is None:
-            del os.environ["TOKENRING_TIMEOUT_S"]
-        else:
-            os.environ["TOKENRING_TIMEOUT_S"] = saved
 
 
 class _ShardOfReplicated(torch.autograd.Function):
@@ -151,3 +185,62 @@ def lse_requires_grad(rank: int, world_size: int, problem: Problem) -> bool:
     out, lse = tokenring.token_ring_attn(q, k, v, **problem.attention_kwargs(), return_lse=True)
     out.sum().backward()
     return lse.requires_grad
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts every operator that reaches the dispatcher, c10d's collectives and messages included.
+
+    A mode does not see inside a custom operator's body on its own; the
+    body of each of TokenRing's operators runs here under the counter too.
+    """
+
+    def __init__(self, counts: dict[str, int] | None = None) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {} if counts is None else counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        self.counts[name] = self.counts.get(name, 0) + 1
+        body = _operator_bodies().get(name)
+        if body is not None:
+            with _CountOps(self.counts):
+                return body(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _operator_bodies() -> dict:
+    from .. import compiled
+
+    operators = (compiled.agree_op, compiled.attention_op, compiled.attention_backward_op)
+    return {f"{op._namespace}.{op._name}.default": op._init_fn for op in operators}
+
+
+def steady_state_ops(rank: int, world_size: int, problem: Problem, calls: int, backward: bool) -> dict:
+    """After one call (which may gather the agreement), ``calls`` more: the host syncs, c10d operators and bytes.
+
+    Returns {"ops": counts of `aten._local_scalar_dense` (what .item(),
+    bool() and int() of a tensor run) and of every c10d operator, "sent":
+    the messages record_traffic saw, "agreement": the agreement's counters}.
+    """
+    q, k, v = (t.detach().requires_grad_(backward) for t in rank_inputs(problem, rank, world_size))
+    dout = rank_grad_output(problem, rank, world_size)
+    kwargs = problem.attention_kwargs()
+
+    def once():
+        out = tokenring.token_ring_attn(q, k, v, **kwargs)
+        if backward:
+            out.backward(dout)
+
+    once()
+    before = agreement_counts(rank, world_size)
+    with tokenring.record_traffic() as sent, _CountOps() as counter:
+        for _ in range(calls):
+            once()
+    after = agreement_counts(rank, world_size)
+    watched = {name: n for name, n in counter.counts.items()
+               if name.startswith("c10d.") or name.startswith("aten._local_scalar_dense")}
+    return {
+        "ops": watched,
+        "sent": [t.to_json() for t in sent],
+        "agreement": {name: after[name] - before[name] for name in ("gathers", "skips")},
+    }
