@@ -108,6 +108,7 @@ def token_ring_attn(
     layout: str | None = None,
     algorithm: str = "tokenring",
     return_lse: bool = False,
+    caller_problem: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence sharded across the ranks of ``group``.
 
@@ -130,6 +131,11 @@ def token_ring_attn(
     place. lse is not differentiable. Every rank must run the backward, as it
     ran the forward. Double backward is not supported.
 
+    ``caller_problem`` is a wrapper's own reason to refuse this rank's call
+    (say, a check of its inputs that token_ring_attn cannot see): every rank
+    then raises `tokenring.InputError` naming it and this rank, as for a bad
+    argument, without a collective of the wrapper's own.
+
     Raises `tokenring.InputError` on every rank when any rank's arguments are
     invalid or the ranks disagree, `tokenring.BackendError` when no backend
     fits, and `tokenring.CommTimeout` when a peer stops answering.
@@ -137,7 +143,8 @@ def token_ring_attn(
     # -- torch.compile route (tokenring/compiled.py): checks, agreement and attention as custom ops --
     if torch.compiler.is_dynamo_compiling():  # Dynamo is tracing this call
         return compiled_token_ring_attn(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
-                                        backend=backend, layout=layout, algorithm=algorithm, return_lse=return_lse)
+                                        backend=backend, layout=layout, algorithm=algorithm, return_lse=return_lse,
+                                        caller_problem=caller_problem)
     # -- end of the torch.compile route --
     group = resolve_group(group)  # a DeviceMesh: its context-parallel group
     chosen, executor, backend_problem = _backend_and_executor(backend, q, group)
@@ -146,7 +153,7 @@ def token_ring_attn(
         layout = default_layout(causal)
     grad_inputs = [name for name, t in (("q", q), ("k", k), ("v", v)) if getattr(t, "requires_grad", False)]
     needs_grad = torch.is_grad_enabled() and bool(grad_inputs)
-    problem = backend_problem or local_problem(
+    problem = backend_problem or caller_problem or local_problem(
         q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=algorithm, backend=chosen
     )
     if problem is None and needs_grad and not chosen.capabilities.backward:

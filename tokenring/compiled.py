@@ -259,14 +259,14 @@ def _in_graph(q, k, v, causal, softmax_scale, group, layout, algorithm, backend)
 def compiled_token_ring_attn(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
     group: Any = None, backend: Optional[str] = None, layout: Optional[str] = None, algorithm: str = "tokenring",
-    return_lse: bool = False,
+    return_lse: bool = False, caller_problem: Optional[str] = None,
 ):
     """token_ring_attn while torch.compile traces: the agree operator, then the attention operator."""
     layout = getattr(layout, "value", layout)  # a tokenring.Layout: its name
-    if not _in_graph(q, k, v, causal, softmax_scale, group, layout, algorithm, backend):
+    if caller_problem is not None or not _in_graph(q, k, v, causal, softmax_scale, group, layout, algorithm, backend):
         return torch.compiler.disable(_eager_call)(
             q, k, v, causal=causal, softmax_scale=softmax_scale, group=group, backend=backend, layout=layout,
-            algorithm=algorithm, return_lse=return_lse,
+            algorithm=algorithm, return_lse=return_lse, caller_problem=caller_problem,
         )
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     handle = agree_op(q, k, v, needs_grad, causal, softmax_scale, layout, algorithm, backend)

@@ -208,6 +208,14 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def count_ops():
+    """Yield a dict that counts, by name, every operator dispatched during the block, inside TokenRing's too."""
+    counter = _CountOps()
+    with counter:
+        yield counter.counts
+
+
 def _operator_bodies() -> dict:
     from .. import compiled
 
@@ -233,11 +241,11 @@ def steady_state_ops(rank: int, world_size: int, problem: Problem, calls: int, b
 
     once()
     before = agreement_counts(rank, world_size)
-    with tokenring.record_traffic() as sent, _CountOps() as counter:
+    with tokenring.record_traffic() as sent, count_ops() as counts:
         for _ in range(calls):
             once()
     after = agreement_counts(rank, world_size)
-    watched = {name: n for name, n in counter.counts.items()
+    watched = {name: n for name, n in counts.items()
                if name.startswith("c10d.") or name.startswith("aten._local_scalar_dense")}
     return {
         "ops": watched,

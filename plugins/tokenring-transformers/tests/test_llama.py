@@ -77,7 +77,9 @@ def test_missing_position_ids_raise_on_every_rank(worlds, seed):
                          "zigzag", False, timeout_s=120)
     for result in caught.value.results:
         assert result.error_type == "tokenring.interfaces.InputError", result
-        assert "position_ids" in result.error and "0…3, 12…15" in result.error, result.error
+        # Each rank names its own expected positions: rank 0 holds chunks 0 and 3 of 4, rank 1 chunks 1 and 2.
+        expected = {0: "0…3, 12…15", 1: "4…11"}[result.rank]
+        assert "position_ids" in result.error and expected in result.error, result.error
 
 
 @pytest.mark.parametrize("case, fragment", [
@@ -90,3 +92,15 @@ def test_what_tokenring_does_not_compute_is_refused_on_every_rank_never_ignored(
         assert not result.ok, f"rank {result.rank} ran a forward that silently ignored {case}"
         assert result.error_type == "tokenring.interfaces.InputError", result
         assert fragment in result.error, result.error
+
+
+def test_layer_calls_add_no_collective_and_position_ids_are_read_once_per_tensor(worlds, seed):
+    """Steady state: no collective in any layer (the checks ride on token_ring_attn's agreement, which is
+    skipped for repeated calls); one host read per new position-ids tensor and one for the all-ones mask."""
+    for rank, costs in enumerate(worlds(2).run_ok("tokenring_transformers.testing.layer_call_costs", seed,
+                                                 timeout_s=120)):
+        assert not any(n.startswith("c10d.") and n not in ("c10d.send.default", "c10d.recv_.default")
+                       for case in costs.values() for n in case), (rank, costs)
+        scalar = "aten._local_scalar_dense.default"
+        assert costs["same positions"].get(scalar, 0) == 1, (rank, costs)  # the mask hook's padding check
+        assert costs["new positions"].get(scalar, 0) == 2, (rank, costs)   # and the new positions, once

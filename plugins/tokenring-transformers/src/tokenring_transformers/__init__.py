@@ -21,10 +21,10 @@ sinks, varlen/packed ``cu_seq_lens``) are refused too, never ignored.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 import tokenring
 from tokenring.layout import default_layout, parse_layout
@@ -52,10 +52,14 @@ def make_attention_function(
     default) every call first checks, on every rank, that no mask, dropout or
     KV cache is in use and that ``position_ids`` are this rank's true
     positions under ``layout``, and all ranks raise together if any rank
-    fails; this costs one small all-reduce per layer call.
+    fails. The check adds no collective: a rank's problem goes into
+    token_ring_attn's own agreement (``caller_problem``). Position ids are
+    compared once per tensor, not per layer: every layer of a forward pass
+    gets the same tensor, so that is one host sync per forward pass.
     """
     if layout is not None:
         layout = parse_layout(layout).value
+    verified = _VerifiedPositions()
 
     def tokenring_attention_forward(
         module: torch.nn.Module,
@@ -74,13 +78,14 @@ def make_attention_function(
             raise tokenring.InputError(unsupported)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         used_layout = layout or default_layout(bool(causal))
-        if check_inputs:
-            problem = _problem(query, key, attention_mask, dropout, kwargs.get("position_ids"), used_layout, group)
-            _raise_on_every_rank(problem, query.device, group)
+        problem = _mask_problems.get(_group_key(group))
+        if check_inputs and problem is None:
+            problem = _problem(query, key, attention_mask, dropout, kwargs.get("position_ids"), used_layout, group,
+                               verified)
         out = tokenring.token_ring_attn(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
             causal=bool(causal), softmax_scale=scaling, group=group, layout=used_layout,
-            algorithm=algorithm, backend=backend,
+            algorithm=algorithm, backend=backend, caller_problem=problem,
         )
         return out, None
 
@@ -103,49 +108,65 @@ def _unsupported_feature(kwargs: dict[str, Any], seq_len: int) -> str | None:
 
 
 def make_mask_function(*, group: Any = None) -> Callable[..., None]:
-    """transformers' mask hook for TokenRing: builds no mask, refuses padding on every rank."""
+    """transformers' mask hook for TokenRing: builds no mask, refuses padding on every rank.
+
+    A padding mask found here is refused by the attention layers that follow,
+    on every rank, through token_ring_attn's own agreement: no collective here.
+    """
 
     def tokenring_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                        attention_mask=None, **kwargs) -> None:
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        problem = None
-        if padded:
-            rank, _ = rank_and_world_size(group)
-            problem = (
-                f"rank {rank}: argument 'attention_mask': it marks padding, and TokenRing attends to every token "
-                f"of the sequence; pack sequences to full length instead of padding"
-            )
-        device = attention_mask.device if attention_mask is not None else torch.device("cpu")
-        _raise_on_every_rank(problem, device, group)
+        padded = attention_mask is not None and not bool(attention_mask.all())  # once per forward pass
+        _mask_problems[_group_key(group)] = (
+            "argument 'attention_mask': it marks padding, and TokenRing attends to every token "
+            "of the sequence; pack sequences to full length instead of padding"
+        ) if padded else None
         return None
 
     return tokenring_mask
 
 
-def _problem(query, key, attention_mask, dropout, position_ids, layout, group) -> str | None:
+class _VerifiedPositions:
+    """The position-ids tensor last found right, by reference: the layers of one forward pass share it."""
+
+    def __init__(self) -> None:
+        self._tensor: Any = None
+        self._facts: tuple = ()
+
+    def holds(self, position_ids: torch.Tensor, facts: tuple) -> bool:
+        return (self._tensor is not None and self._tensor() is position_ids
+                and self._facts == (position_ids._version, *facts))
+
+    def add(self, position_ids: torch.Tensor, facts: tuple) -> None:
+        self._tensor, self._facts = weakref.ref(position_ids), (position_ids._version, *facts)
+
+
+def _problem(query, key, attention_mask, dropout, position_ids, layout, group, verified) -> str | None:
     rank, world_size = rank_and_world_size(group)
     if attention_mask is not None:
         return (
-            f"rank {rank}: argument 'attention_mask': TokenRing attends to the whole sequence and takes no mask "
+            f"argument 'attention_mask': TokenRing attends to the whole sequence and takes no mask "
             f"(got a tensor of shape {tuple(attention_mask.shape)}); pack sequences to full length instead of padding"
         )
     if dropout:
-        return f"rank {rank}: attention dropout {dropout} is not supported; set config.attention_dropout = 0.0"
+        return f"attention dropout {dropout} is not supported; set config.attention_dropout = 0.0"
     if key.shape[2] != query.shape[2]:
         return (
-            f"rank {rank}: keys ({key.shape[2]}) outnumber queries ({query.shape[2]}): a KV cache is in use; "
+            f"keys ({key.shape[2]}) outnumber queries ({query.shape[2]}): a KV cache is in use; "
             f"call the model with use_cache=False"
         )
-    if position_ids is not None:
-        seq_local = query.shape[2]
+    seq_local = query.shape[2]
+    facts = (seq_local, world_size, rank, layout)
+    if position_ids is not None and not verified.holds(position_ids, facts):
         expected = local_positions(seq_local * world_size, rank=rank, world_size=world_size, layout=layout,
                                    device=position_ids.device)
         if position_ids.shape[-1] != seq_local or not bool((position_ids == expected).all()):
             return (
-                f"rank {rank}: argument 'position_ids': expected this rank's true positions under layout {layout!r} "
+                f"argument 'position_ids': expected this rank's true positions under layout {layout!r} "
                 f"over {world_size} ranks, {_runs(expected)}, got {_runs(position_ids.reshape(-1, position_ids.shape[-1])[0])}; "
                 f"pass tokenring.sequence.shard_batch(...)['position_ids']"
             )
+        verified.add(position_ids, facts)
     return None
 
 
@@ -160,14 +181,12 @@ def _runs(positions: torch.Tensor) -> str:
     return ", ".join(runs[:4]) + (", …" if len(runs) > 4 else "")
 
 
-def _raise_on_every_rank(problem: str | None, device: torch.device, group: Any) -> None:
-    failed = torch.tensor([problem is not None], dtype=torch.int32, device=device)
-    dist.all_reduce(failed, group=group)
-    if failed.item():
-        _, world_size = rank_and_world_size(group)
-        problems: list[str | None] = [None] * world_size
-        dist.all_gather_object(problems, problem, group=group)
-        raise tokenring.InputError("; ".join(p for p in problems if p is not None))
+# What the mask hook of a forward pass found wrong on this rank, per group, for its attention layers to refuse.
+_mask_problems: dict[Any, str | None] = {}
+
+
+def _group_key(group: Any) -> Any:
+    return None if group is None else id(group)
 
 
 def register(name: str = DEFAULT_NAME, **settings: Any) -> str:

@@ -85,3 +85,30 @@ def refused_forward(rank: int, world_size: int, seed: int, case: str, seq_len: i
         model = MistralForCausalLM(MistralConfig(**config, attn_implementation=name))
     model(**arguments)
     return "ran"
+
+
+def layer_call_costs(rank: int, world_size: int, seed: int, seq_len: int = 16) -> dict:
+    """c10d operators and host syncs of the model's forward passes, after a first one.
+
+    The second forward reuses the position-ids tensor, the third gets a new
+    one (as each training step does). Counts come from a TorchDispatchMode
+    that sees inside TokenRing's operators (tokenring.testing.tasks).
+    """
+    import tokenring_transformers
+    from tokenring.testing.tasks import count_ops
+
+    name = tokenring_transformers.register()
+    model = build_llama(seed, name)
+    ids = token_ids(seed, 1, seq_len)
+    shard = sequence.shard_batch({"input_ids": ids, "labels": ids})
+    arguments = {"input_ids": shard["input_ids"], "position_ids": shard["position_ids"],
+                 "attention_mask": torch.ones_like(shard["input_ids"]), "use_cache": False}
+    model(**arguments)
+    costs = {}
+    for case in ("same positions", "new positions"):
+        if case == "new positions":
+            arguments["position_ids"] = arguments["position_ids"].clone()
+        with count_ops() as counts:
+            model(**arguments)
+        costs[case] = {n: c for n, c in counts.items() if n.startswith("c10d.") or "_local_scalar_dense" in n}
+    return costs
