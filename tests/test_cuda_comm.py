@@ -173,3 +173,21 @@ def test_a_rank_that_never_creates_its_comm_gives_a_timeout_not_a_hang(world):
     for rank in (0, 2):
         assert results[rank].ok and results[rank].value.startswith("CommTimeout"), results[rank]
         assert f"rank {rank}" in results[rank].value
+
+
+def steady_state_ops_over_this_comm(rank, world_size, problem):
+    from tokenring_cpu.kernel import CpuSdpaKernel
+    from tokenring_cuda.comm import NcclComm
+    from tokenring.testing.tasks import executor_steady_state_ops
+
+    comm = NcclComm(None, transport="gloo", timeout_s=TIMEOUT_S)
+    return executor_steady_state_ops(comm, CpuSdpaKernel(), rank, world_size, problem)
+
+
+@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+def test_steady_state_calls_over_this_comm_read_nothing_on_the_host_and_run_no_collective(world, algorithm):
+    """The Comm's own path (batching, waits) adds no aten._local_scalar_dense and no collective."""
+    problem = Problem(seed=7, batch=1, seq_len=48, q_heads=4, kv_heads=2, head_dim=16, causal=True,
+                      algorithm=algorithm)
+    for rank, ops in enumerate(world.run_ok(f"{__name__}.steady_state_ops_over_this_comm", problem, timeout_s=120)):
+        assert set(ops) <= {"c10d.send.default", "c10d.recv_.default"}, (rank, ops)

@@ -5,6 +5,7 @@ class HcclComm is made of) runs over gloo between two local ranks. HCCL
 itself is not exercised here: that is for ci/npu on Ascend hardware.
 """
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -137,3 +138,23 @@ def test_the_comm_over_two_ranks_sends_one_message_per_peer_and_counts_every_byt
             {"step": 3, "src": rank, "dst": other, "bytes": 7 * 8},
         ]
         assert result["agreed"] == ["rank 0 says hi", "rank 1 says hi"]
+
+
+def steady_state_ops_over_this_comm(rank, world_size, problem):
+    from tokenring_cpu.kernel import CpuSdpaKernel
+    from tokenring.testing.tasks import executor_steady_state_ops
+
+    comm = BatchedP2PComm(expected_backend="gloo", device=torch.device("cpu"))
+    return executor_steady_state_ops(comm, CpuSdpaKernel(), rank, world_size, problem)
+
+
+@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+def test_steady_state_calls_over_this_comm_read_nothing_on_the_host_and_run_no_collective(worlds, algorithm):
+    """The Comm's own path (coalescing, staging, waits) adds no aten._local_scalar_dense and no collective."""
+    from tokenring.testing.problems import Problem
+
+    problem = Problem(seed=7, batch=1, seq_len=24, q_heads=4, kv_heads=2, head_dim=16, causal=True,
+                      algorithm=algorithm)
+    for rank, ops in enumerate(worlds.get(3).run_ok("test_npu_comm.steady_state_ops_over_this_comm", problem,
+                                                    timeout_s=120)):
+        assert set(ops) <= {"c10d.send.default", "c10d.recv_.default"}, (rank, ops)

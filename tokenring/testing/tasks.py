@@ -252,3 +252,30 @@ def steady_state_ops(rank: int, world_size: int, problem: Problem, calls: int, b
         "sent": [t.to_json() for t in sent],
         "agreement": {name: after[name] - before[name] for name in ("gathers", "skips")},
     }
+
+
+def executor_steady_state_ops(comm, kernel, rank: int, world_size: int, problem: Problem) -> dict:
+    """What a Comm and kernel cost the executor in steady state: c10d operators and host reads.
+
+    Runs a forward and backward, then counts (as `steady_state_ops` does) over
+    a second forward and backward. For a backend's CPU-testable parts (the
+    CUDA and NPU Comms over gloo, say) without going through the API.
+    """
+    from ..executor import Executor
+    from ..plans import build_plan
+
+    executor = Executor(comm, kernel)
+    layout = problem.resolved_layout
+    q, k, v = rank_inputs(problem, rank, world_size)
+    dout = rank_grad_output(problem, rank, world_size)
+    scale = problem.head_dim ** -0.5
+    plans = [build_plan(problem.algorithm, layout, problem.causal, world_size, backward=b) for b in (False, True)]
+
+    def once():
+        out, lse = executor.forward(plans[0], q, k, v, scale=scale, timeout_s=60)
+        executor.backward(plans[1], q, k, v, out, lse, dout, scale=scale, timeout_s=60)
+
+    once()
+    with count_ops() as counts:
+        once()
+    return {name: n for name, n in counts.items() if name.startswith("c10d.") or "_local_scalar_dense" in name}
