@@ -11,11 +11,12 @@ flight never sees its data change.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from .plan import Payload, ProblemShape, Span, Transfer
+from .plan import ALL, Payload, ProblemShape, Span, Transfer
 
 Key = tuple[Payload, int]  # (what, whose)
 
@@ -67,9 +68,7 @@ class Holdings:
         self._pieces: dict[Key, list[Piece]] = {}
         self._in_flight: list[torch.Tensor] = []  # pooled buffers of sends posted this step
         self._sent_results: list[Piece] = []       # results handed to the Comm this step, no longer held
-        self._seq_dims = {
-            payload: {s.name: s.seq_dim for s in shape.sections(payload, Span(0, 1))} for payload in Payload
-        }
+        self._seq_dims = _seq_dims(shape)
 
     # -- messages --------------------------------------------------------------
 
@@ -197,6 +196,12 @@ class Holdings:
     def _give_back(self, piece: Piece) -> None:
         if piece.pooled and piece.buffer is not None:
             self.pool.give(piece.buffer)
+
+
+@functools.lru_cache(maxsize=64)
+def _seq_dims(shape: ProblemShape) -> dict[Payload, dict[str, int]]:
+    """The sequence dimension of each section of each payload (read-only: shared by every call of ``shape``)."""
+    return {payload: {s.name: s.seq_dim for s in shape.sections(payload, ALL)} for payload in Payload}
 
 
 def narrow(tensor: torch.Tensor, span: Span, seq_dim: int) -> torch.Tensor:

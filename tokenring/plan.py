@@ -22,6 +22,7 @@ The model (docs/design.md, "The plan model"):
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -59,6 +60,7 @@ class Span:
         """The fewest equal chunks a shard must be cut into for this span to be whole chunks."""
         return math.lcm(self.start.denominator, self.stop.denominator)
 
+    @functools.lru_cache(maxsize=4096)  # Fraction arithmetic on every message of every call adds up
     def rows(self, length: int) -> tuple[int, int]:
         """(offset, count) of this span in a shard of ``length`` rows."""
         offset, end = self.start * length, self.stop * length
@@ -187,6 +189,7 @@ class ProblemShape:
     def span_len(self, payload: Payload, span: Span) -> int:
         return span.rows(self.kv_seq if payload.of_keys else self.seq_local)[1]
 
+    @functools.lru_cache(maxsize=4096)  # asked for every message of every call; a function of its arguments
     def sections(self, payload: Payload, span: Span) -> tuple[Section, ...]:
         """The tensors one message carries, in order."""
         length = self.span_len(payload, span)
@@ -207,7 +210,8 @@ class ProblemShape:
             return (Section("dq", rows, False, 1),)
         return (Section("dkv", key_value, True, 2),)
 
-    def section_spans(self, payload: Payload, span: Span) -> list[tuple[Section, int, int]]:
+    @functools.lru_cache(maxsize=4096)
+    def section_spans(self, payload: Payload, span: Span) -> tuple[tuple[Section, int, int], ...]:
         """(section, byte offset, byte length) of each section of a packed message.
 
         Every section but the last is padded to a multiple of 8 bytes so the
@@ -219,7 +223,7 @@ class ProblemShape:
             nbytes = math.prod(section.shape) * (self.acc_itemsize if section.accumulator else self.itemsize)
             spans.append((section, offset, nbytes))
             offset += -(-nbytes // 8) * 8
-        return spans
+        return tuple(spans)
 
     def payload_bytes(self, payload: Payload, span: Span) -> int:
         _, offset, nbytes = self.section_spans(payload, span)[-1]

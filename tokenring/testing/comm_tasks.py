@@ -113,3 +113,20 @@ def wait_for_absent_peer(rank: int, world_size: int, backend_name: str, absent_r
             "seconds": time.monotonic() - started,
         }
     return {"role": "waiter", "raised": None, "seconds": time.monotonic() - started}
+
+
+def short_message(rank: int, world_size: int, backend_name: str, timeout_s: float) -> dict:
+    """Rank r sends a 16-byte message to rank r + 1, which receives it into a 64-byte buffer.
+
+    Only for a Comm that declares ``accepts_short_messages``; returns whether
+    it does and, if so, whether the buffer's start holds the message.
+    """
+    comm = _comm(backend_name)
+    if not getattr(comm, "accepts_short_messages", False):
+        return {"declared": False}
+    short = torch.arange(16, dtype=torch.uint8, device=comm.device) + rank
+    buffer = torch.full((64,), 255, dtype=torch.uint8, device=comm.device)
+    following, preceding = (rank + 1) % world_size, (rank - 1) % world_size
+    comm.exchange([Send(following, short)], [Recv(preceding, buffer)], channel=Channel.QUERY, step=0).wait(timeout_s)
+    return {"declared": True, "start": buffer[:16].cpu().tolist()}
+

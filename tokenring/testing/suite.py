@@ -330,6 +330,18 @@ class TestCommContract:
         for rank, result in enumerate(results):
             assert result["mismatches"] == [], f"rank {rank}: out of order or wrong: {result['mismatches']}"
 
+    def test_a_short_message_fills_the_start_of_a_longer_buffer_when_declared(
+        self, tokenring_worlds, world_size
+    ):
+        """`Comm.accepts_short_messages` lets the agreement be skipped; it must hold where declared."""
+        _require_peers(world_size)
+        results = self._run(tokenring_worlds, world_size, "short_message", self.TIMEOUT_S)
+        if not results[0]["declared"]:
+            pytest.skip("the Comm does not declare accepts_short_messages: the ranks gather on every call")
+        for rank, result in enumerate(results):
+            preceding = (rank - 1) % world_size
+            assert result["start"] == [preceding + i for i in range(16)], (rank, result)
+
     def test_an_absent_peer_raises_instead_of_hanging(self, tokenring_worlds, world_size):
         _require_peers(world_size)
         timeout_s = 2.0
