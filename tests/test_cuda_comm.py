@@ -156,6 +156,15 @@ def test_the_executor_over_this_comm_and_kernel_is_exact_and_moves_the_planned_b
         assert measured == plan.link_bytes(problem.shape(WORLD_SIZE)), key
 
 
+@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+def test_steady_state_calls_over_this_comm_read_nothing_on_the_host_and_run_no_collective(world, algorithm):
+    """The Comm's own path (batching, waits) adds no aten._local_scalar_dense and no collective."""
+    problem = Problem(seed=7, batch=1, seq_len=48, q_heads=4, kv_heads=2, head_dim=16, causal=True,
+                      algorithm=algorithm)
+    for rank, ops in enumerate(world.run_ok(f"{__name__}.steady_state_ops_over_this_comm", problem, timeout_s=120)):
+        assert set(ops) <= {"c10d.send.default", "c10d.recv_.default"}, (rank, ops)
+
+
 def test_a_subgroup_needs_only_its_members_and_peers_are_group_ranks(world):
     outside, first, second = world.run_ok(f"{__name__}.exchange_in_a_subgroup", timeout_s=120)
     assert outside == "outside"
@@ -182,12 +191,3 @@ def steady_state_ops_over_this_comm(rank, world_size, problem):
 
     comm = NcclComm(None, transport="gloo", timeout_s=TIMEOUT_S)
     return executor_steady_state_ops(comm, CpuSdpaKernel(), rank, world_size, problem)
-
-
-@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
-def test_steady_state_calls_over_this_comm_read_nothing_on_the_host_and_run_no_collective(world, algorithm):
-    """The Comm's own path (batching, waits) adds no aten._local_scalar_dense and no collective."""
-    problem = Problem(seed=7, batch=1, seq_len=48, q_heads=4, kv_heads=2, head_dim=16, causal=True,
-                      algorithm=algorithm)
-    for rank, ops in enumerate(world.run_ok(f"{__name__}.steady_state_ops_over_this_comm", problem, timeout_s=120)):
-        assert set(ops) <= {"c10d.send.default", "c10d.recv_.default"}, (rank, ops)
