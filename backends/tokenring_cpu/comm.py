@@ -15,7 +15,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from tokenring.kit import all_gather_bytes, wait_works
+from tokenring.kit import RollCall, all_gather_bytes, transport_errors, transport_message, wait_works
 from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle
 
 _CHANNEL_TAGS = {Channel.QUERY: 0, Channel.PARTIAL: 1}
@@ -27,15 +27,14 @@ def _tag(step: int, channel: Channel) -> int:
 
 
 class _GlooHandle(Handle):
-    def __init__(self, works, tensors, rank: int, step: int, channel: Channel):
+    def __init__(self, works, labels, tensors, where: str):
         self._works = works
+        self._labels = labels    # per work, the peer it talks to
         self._tensors = tensors  # keep sent/received tensors alive until complete
-        self._rank = rank
-        self._step = step
-        self._channel = channel
+        self._where = where
 
     def wait(self, timeout_s: float) -> None:
-        wait_works(self._works, timeout_s, f"rank {self._rank}, step {self._step}, {self._channel.value} channel")
+        wait_works(self._works, timeout_s, self._where, self._labels)
         self._works = []
         self._tensors = []
 
@@ -73,6 +72,8 @@ class GlooComm(Comm):
 
         seconds = timeout_s()
         ranks = dist.get_process_group_ranks(group)
+        roll = RollCall("connect", group)
+        roll.arrive()
         try:
             # Only this group's members take part in making these: they are the ones calling.
             return tuple(
@@ -83,7 +84,8 @@ class GlooComm(Comm):
         except Exception as error:
             raise CommTimeout(
                 f"rank {self.rank}: setting up the cpu backend's connections: not every rank of the group "
-                f"took part within {seconds:.1f} s (did every rank call token_ring_attn?): {error}"
+                f"took part within {seconds:.1f} s: {roll.describe_absent()} (did every rank call "
+                f"token_ring_attn?); the transport said: {transport_message(error)}"
             ) from error
 
     def _direction(self, src: int, dst: int):
@@ -92,18 +94,27 @@ class GlooComm(Comm):
 
     def exchange(self, sends, recvs, *, channel, step):
         tag = _tag(step, channel)
-        works, tensors = [], []
+        where = f"rank {self.rank}, step {step}, {Channel(channel).value} channel"
+        works, labels, tensors = [], [], []
         for send in sends:
             tensor = send.tensor if send.tensor.is_contiguous() else send.tensor.contiguous()
-            works.append(dist.isend(tensor, group=self._direction(self.rank, send.peer), group_dst=send.peer, tag=tag))
+            label = f"sending to rank {send.peer}"
+            with transport_errors(f"{where}, {label}"):
+                works.append(dist.isend(tensor, group=self._direction(self.rank, send.peer), group_dst=send.peer,
+                                        tag=tag))
+            labels.append(label)
             tensors.append(tensor)
             self._record_sent(step, send.peer, tensor.numel() * tensor.element_size())
         for recv in recvs:
             if not recv.tensor.is_contiguous():
                 raise ValueError("receive buffers must be contiguous for gloo")
-            works.append(dist.irecv(recv.tensor, group=self._direction(recv.peer, self.rank), group_src=recv.peer, tag=tag))
+            label = f"receiving from rank {recv.peer}"
+            with transport_errors(f"{where}, {label}"):
+                works.append(dist.irecv(recv.tensor, group=self._direction(recv.peer, self.rank),
+                                        group_src=recv.peer, tag=tag))
+            labels.append(label)
             tensors.append(recv.tensor)
-        return _GlooHandle(works, tensors, self.rank, step, channel)
+        return _GlooHandle(works, labels, tensors, where)
 
     def all_gather_bytes(self, payload: bytes, *, timeout_s: float) -> list[bytes]:
         return all_gather_bytes(

@@ -34,7 +34,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from tokenring.kit import all_gather_bytes, is_timeout, wait_works
+from tokenring.kit import RollCall, all_gather_bytes, is_timeout, transport_errors, transport_message, wait_works
 from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, TokenRingError
 
 BLOCKING_WAIT_ENV = "TOKENRING_CUDA_BLOCKING_WAIT"
@@ -65,7 +65,7 @@ class _NcclHandle(Handle):
                 try:
                     work.wait()  # NCCL: the current stream waits for the batch; the host goes on
                 except RuntimeError as error:  # an earlier failure the watchdog recorded
-                    raise TokenRingError(f"{where}: communication failed: {error}") from error
+                    raise TokenRingError(f"{where}: communication failed: {transport_message(error)}") from error
         self._works = []
         self._tensors = []
 
@@ -117,6 +117,8 @@ class NcclComm(Comm):
 
     def _create_groups(self) -> None:
         timeout = datetime.timedelta(seconds=self.timeout_s)
+        roll = RollCall("connect", self.group)
+        roll.arrive()
         try:
             # Every member creates these in the same order; only the members take
             # part (local synchronisation), so a subgroup works as well as the world.
@@ -131,9 +133,12 @@ class NcclComm(Comm):
             if is_timeout(error):
                 raise CommTimeout(
                     f"rank {self.rank}: creating the cuda backend's process groups: not every rank of the "
-                    f"group took part within {self.timeout_s:.1f} s ({error})"
+                    f"group took part within {self.timeout_s:.1f} s: {roll.describe_absent()} "
+                    f"({transport_message(error)})"
                 ) from error
-            raise
+            raise TokenRingError(
+                f"rank {self.rank}: creating the cuda backend's process groups failed: {transport_message(error)}"
+            ) from error
         # Point-to-point batches must not be a communicator's first operation
         # unless every rank is in them; one tiny collective per channel sets
         # the communicators up here, outside the step loop.
@@ -160,7 +165,10 @@ class NcclComm(Comm):
             self._check(recv.tensor, "receive", recv.peer, step)
             ops.append(dist.P2POp(dist.irecv, recv.tensor, self._global_ranks[recv.peer], group))
             tensors.append(recv.tensor)
-        works = dist.batch_isend_irecv(ops)
+        peers = sorted({s.peer for s in sends} | {r.peer for r in recvs})
+        with transport_errors(f"rank {self.rank}, step {step}, {channel.value} channel, posting a batch with "
+                              f"rank{'s' if len(peers) > 1 else ''} {', '.join(map(str, peers))}"):
+            works = dist.batch_isend_irecv(ops)
         return _NcclHandle([w for w in works if w is not None], tensors, self, step, channel)
 
     def _check(self, tensor: torch.Tensor, what: str, peer: int, step: int) -> None:

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from tokenring.kit import all_gather_bytes, wait_works
+from tokenring.kit import RollCall, all_gather_bytes, transport_errors, transport_message, wait_works
 from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, Recv, Send, TokenRingError
 
 BLOCKING_WAIT_ENV = "TOKENRING_NPU_BLOCKING_WAIT"
@@ -202,7 +202,7 @@ class BatchedP2PComm(Comm):
         except Exception as error:
             raise CommTimeout(
                 f"rank {self.rank}: creating the {self.backend_label} backend's agreement group: not every rank of "
-                f"the group took part within {seconds:.1f} s ({error})"
+                f"the group took part within {seconds:.1f} s: {roll.describe_absent()} ({transport_message(error)})"
             ) from error
 
     def exchange(self, sends, recvs, *, channel, step):

@@ -10,8 +10,13 @@ Comms over torch.distributed (`tokenring.kit.comms`):
 * `wait_work(work, timeout_s, where)`: block on one work for at most
   ``timeout_s``; a timeout becomes `tokenring.CommTimeout` naming ``where``,
   any other failure `tokenring.TokenRingError`;
-* `wait_works(works, timeout_s, where)`: several works within one deadline
-  (what `Handle.wait` needs);
+* `wait_works(works, timeout_s, where, labels=)`: several works within one
+  deadline (what `Handle.wait` needs); ``labels`` name each work's peer;
+* `transport_errors(where)`: a context manager that turns a transport
+  failure while posting (or anything else) into ours, as a sentence;
+  `transport_message(error)` is that sentence;
+* `RollCall(what, group)`: which ranks reached a collective, through the
+  default store, so that a timeout names the ranks that never came;
 * `all_gather_bytes(payload, group=, world_size=, timeout_s=, where=,
   device=, dtype=)`: every rank's byte string in rank order, bounded by the
   timeout (what `Comm.all_gather_bytes` needs);
@@ -36,17 +41,20 @@ The kit depends only on the core's interfaces (`tokenring.interfaces`);
 """
 
 from ..interfaces import accumulation_dtype
-from .comms import all_gather_bytes, is_timeout, wait_work, wait_works
+from .comms import RollCall, all_gather_bytes, is_timeout, transport_errors, transport_message, wait_work, wait_works
 from .kernels import HeadGroups, lse_for_backward, no_gradients, nothing_seen, unit_stride
 
 __all__ = [
     "HeadGroups",
+    "RollCall",
     "accumulation_dtype",
     "all_gather_bytes",
     "is_timeout",
     "lse_for_backward",
     "no_gradients",
     "nothing_seen",
+    "transport_errors",
+    "transport_message",
     "unit_stride",
     "wait_work",
     "wait_works",

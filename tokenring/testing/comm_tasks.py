@@ -130,3 +130,31 @@ def short_message(rank: int, world_size: int, backend_name: str, timeout_s: floa
     comm.exchange([Send(following, short)], [Recv(preceding, buffer)], channel=Channel.QUERY, step=0).wait(timeout_s)
     return {"declared": True, "start": buffer[:16].cpu().tolist()}
 
+
+def peer_dies_after_posting(rank: int, world_size: int, backend_name: str, victim: int, timeout_s: float) -> dict:
+    """Each rank sends to rank + 1 and receives from rank - 1; ``victim`` posts only its receive, then dies.
+
+    Returns, on the survivors, what posting and waiting raised: {"outcome":
+    "ok" or the exception's class name, "is_ours", "message", "seconds"}.
+    """
+    import os
+    import signal
+
+    from ..interfaces import TokenRingError
+
+    comm = _comm(backend_name)
+    following, preceding = (rank + 1) % world_size, (rank - 1) % world_size
+    outgoing = torch.ones(1024, device=comm.device)
+    incoming = torch.empty(1024, device=comm.device)
+    sends = [] if rank == victim else [Send(following, outgoing)]
+    started = time.monotonic()
+    try:
+        handle = comm.exchange(sends, [Recv(preceding, incoming)], channel=Channel.QUERY, step=0)
+        if rank == victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        handle.wait(timeout_s)
+    except Exception as error:
+        return {"outcome": type(error).__name__, "is_ours": isinstance(error, TokenRingError), "message": str(error),
+                "seconds": time.monotonic() - started}
+    return {"outcome": "ok", "seconds": time.monotonic() - started}
+

@@ -342,6 +342,29 @@ class TestCommContract:
             preceding = (rank - 1) % world_size
             assert result["start"] == [preceding + i for i in range(16)], (rank, result)
 
+    def test_a_peer_that_dies_between_posting_and_waiting_raises_a_tokenring_error(
+        self, tokenring_worlds, world_size
+    ):
+        """The rank after the dead one cannot receive: it must raise our error, in time; nobody a raw one."""
+        _require_peers(world_size)
+        timeout_s, victim = 5.0, world_size - 1
+        world = tokenring_worlds.get(world_size)
+        try:
+            results = world.run("tokenring.testing.comm_tasks.peer_dies_after_posting", tokenring_worlds.backend_name,
+                                victim, timeout_s, timeout_s=60, allow_exits=True)
+        finally:
+            tokenring_worlds.discard(world_size)  # a dead rank: start afresh
+        for result in results:
+            if result.rank == victim:
+                continue
+            assert result.ok, f"rank {result.rank}: {result.error_type}: {result.error}"
+            report = result.value
+            assert report["outcome"] == "ok" or report["is_ours"], (result.rank, report)
+            assert report["seconds"] < timeout_s + 10, (result.rank, report)
+        waiting = results[(victim + 1) % world_size].value
+        assert waiting["outcome"] != "ok", "a receive from a dead rank completed"
+        assert f"rank {victim}" in waiting["message"], waiting["message"]
+
     def test_an_absent_peer_raises_instead_of_hanging(self, tokenring_worlds, world_size):
         _require_peers(world_size)
         timeout_s = 2.0

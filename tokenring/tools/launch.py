@@ -16,6 +16,7 @@ import importlib
 import multiprocessing as mp
 import os
 import queue
+import socket
 import tempfile
 import time
 import traceback
@@ -95,6 +96,15 @@ def _worker_main(rank, world_size, backend, tokenring_backend, init_file, thread
     dist.destroy_process_group()
 
 
+def loopback_interface() -> str:
+    """The name of this machine's loopback interface ("lo" on Linux, "lo0" on macOS)."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        names = []
+    return next((name for name in ("lo", "lo0") if name in names), "lo")
+
+
 class LocalWorld:
     """N local ranks joined in one torch.distributed process group."""
 
@@ -131,7 +141,10 @@ class LocalWorld:
         ctx = mp.get_context("spawn")
         self._dir = tempfile.TemporaryDirectory(prefix="tokenring-world-")
         init_file = os.path.join(self._dir.name, "rendezvous")
-        worker_env = {"OMP_NUM_THREADS": str(threads_per_rank), **(env or {})}
+        # gloo listens on the address the hostname resolves to, which on many machines (Docker, cloud VMs)
+        # is reachable from the network; a world of this machine's processes needs only loopback.
+        worker_env = {"OMP_NUM_THREADS": str(threads_per_rank), "GLOO_SOCKET_IFNAME": loopback_interface(),
+                      **(env or {})}
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._results = ctx.Queue()
         self._next_id = 0
@@ -163,7 +176,7 @@ class LocalWorld:
             self.close()
             raise WorkerError(f"rank {failed[0].rank} failed to start: {failed[0].error}", failed)
 
-    def _collect(self, accept, timeout_s: float, what: str) -> list:
+    def _collect(self, accept, timeout_s: float, what: str, allow_exits: bool = False) -> list:
         deadline = time.monotonic() + timeout_s
         got: dict[int, Any] = {}
         while len(got) < self.world_size:
@@ -171,6 +184,10 @@ class LocalWorld:
                 item = self._results.get(timeout=0.2)
             except queue.Empty:
                 dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in got]
+                if dead and allow_exits:
+                    for r in dead:
+                        got[r] = RankResult(r, error_type="exited", error=f"exit code {self._procs[r].exitcode}")
+                    continue
                 if dead:
                     code = self._procs[dead[0]].exitcode
                     self.close()
@@ -185,8 +202,14 @@ class LocalWorld:
                 got[result.rank] = result
         return [got[r] for r in range(self.world_size)]
 
-    def run(self, task: str, *args: Any, timeout_s: float = 300.0, **kwargs: Any) -> list[RankResult]:
-        """Call the function at import path ``task`` on every rank; results in rank order."""
+    def run(self, task: str, *args: Any, timeout_s: float = 300.0, allow_exits: bool = False,
+            **kwargs: Any) -> list[RankResult]:
+        """Call the function at import path ``task`` on every rank; results in rank order.
+
+        With ``allow_exits`` a rank whose process ends gets a result with
+        error_type "exited" and the others' results are still collected
+        (fault injection); the world is then unusable: close it.
+        """
         if self.closed:
             raise WorkerError("this world is closed")
         task_id = self._next_id
@@ -194,7 +217,7 @@ class LocalWorld:
         for q in self._tasks:
             q.put((task_id, task, args, kwargs))
         return self._collect(
-            lambda item: isinstance(item, tuple) and item[0] == task_id, timeout_s, f"task {task}"
+            lambda item: isinstance(item, tuple) and item[0] == task_id, timeout_s, f"task {task}", allow_exits
         )
 
     def run_ok(self, task: str, *args: Any, timeout_s: float = 300.0, **kwargs: Any) -> list[Any]:

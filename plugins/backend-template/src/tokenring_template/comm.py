@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tokenring import BackendError, Channel, Comm, Handle
-from tokenring.kit import all_gather_bytes, wait_works
+from tokenring.kit import all_gather_bytes, transport_errors, wait_works
 
 
 class _BatchHandle(Handle):
@@ -55,8 +55,12 @@ class BatchedGlooComm(Comm):
         for recv in recvs:
             ops.append(dist.P2POp(dist.irecv, recv.tensor, self._global_ranks[recv.peer], group=group, tag=step))
             tensors.append(recv.tensor)
-        works = dist.batch_isend_irecv(ops) if ops else []
-        return _BatchHandle(works, tensors, f"rank {self.rank}, step {step}, {Channel(channel).value} channel")
+        where = f"rank {self.rank}, step {step}, {Channel(channel).value} channel"
+        peers = sorted({s.peer for s in sends} | {r.peer for r in recvs})
+        # A transport failure while posting (a peer gone, say) must surface as a TokenRing error too.
+        with transport_errors(f"{where}, posting a batch with ranks {peers}"):
+            works = dist.batch_isend_irecv(ops) if ops else []
+        return _BatchHandle(works, tensors, where)
 
     def all_gather_bytes(self, payload: bytes, *, timeout_s: float) -> list[bytes]:
         return all_gather_bytes(
