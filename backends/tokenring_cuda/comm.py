@@ -49,15 +49,18 @@ def _blocking_wait_requested() -> bool:
 
 
 class _NcclHandle(Handle):
-    def __init__(self, works, tensors, comm: "NcclComm", step: int, channel: Channel):
+    def __init__(self, works, tensors, comm: "NcclComm", step: int, channel: Channel, peers: str = ""):
         self._works = works
         self._tensors = tensors  # keep the batch's tensors referenced until it is waited on
         self._comm = comm
         self._step = step
         self._channel = channel
+        self._peers = peers  # "exchanging with rank 1, rank 3"
 
     def wait(self, timeout_s: float) -> None:
         where = f"rank {self._comm.rank}, step {self._step}, {self._channel.value} channel"
+        if self._peers:
+            where += f", {self._peers}"
         if self._comm.blocking_wait:
             wait_works(self._works, timeout_s, where)
         else:
@@ -166,10 +169,10 @@ class NcclComm(Comm):
             ops.append(dist.P2POp(dist.irecv, recv.tensor, self._global_ranks[recv.peer], group))
             tensors.append(recv.tensor)
         peers = sorted({s.peer for s in sends} | {r.peer for r in recvs})
-        with transport_errors(f"rank {self.rank}, step {step}, {channel.value} channel, posting a batch with "
-                              f"rank{'s' if len(peers) > 1 else ''} {', '.join(map(str, peers))}"):
+        with_peers = "exchanging with " + ", ".join(f"rank {p}" for p in peers)
+        with transport_errors(f"rank {self.rank}, step {step}, {channel.value} channel, {with_peers}"):
             works = dist.batch_isend_irecv(ops)
-        return _NcclHandle([w for w in works if w is not None], tensors, self, step, channel)
+        return _NcclHandle([w for w in works if w is not None], tensors, self, step, channel, with_peers)
 
     def _check(self, tensor: torch.Tensor, what: str, peer: int, step: int) -> None:
         if not 0 <= peer < self.world_size or peer == self.rank:

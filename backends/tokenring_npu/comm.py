@@ -218,8 +218,11 @@ class BatchedP2PComm(Comm):
         ops += [dist.P2POp(dist.irecv, m.buffer, group=self.group, group_peer=m.peer, tag=tag) for m in incoming]
         for m in outgoing:
             self._record_sent(step, m.peer, m.buffer.numel() * m.buffer.element_size())
-        works = self._batch_isend_irecv(ops) if ops else []
-        where = f"rank {self.rank}, step {step}, {Channel(channel).value} channel"
+        peers = sorted({m.peer for m in outgoing} | {m.peer for m in incoming})
+        where = (f"rank {self.rank}, step {step}, {Channel(channel).value} channel, exchanging with "
+                 + ", ".join(f"rank {p}" for p in peers))
+        with transport_errors(where):  # a peer gone shows up here too, as our error
+            works = self._batch_isend_irecv(ops) if ops else []
         return _BatchHandle(works or [], outgoing, incoming, where, self.blocking_wait)
 
     def all_gather_bytes(self, payload: bytes, *, timeout_s: float) -> list[bytes]:

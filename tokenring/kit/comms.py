@@ -35,6 +35,7 @@ def transport_message(error: BaseException) -> str:
     """The transport's complaint as a sentence: its first line, without torch's build paths."""
     text = _BUILD_PATH.sub("", str(error)).strip()
     first = text.splitlines()[0].strip() if text else ""
+    first = first.split(". ")[0].rstrip(".")  # torch appends generic advice ("This is typically caused by ...")
     return first or type(error).__name__
 
 

@@ -55,10 +55,11 @@ class BatchedGlooComm(Comm):
         for recv in recvs:
             ops.append(dist.P2POp(dist.irecv, recv.tensor, self._global_ranks[recv.peer], group=group, tag=step))
             tensors.append(recv.tensor)
-        where = f"rank {self.rank}, step {step}, {Channel(channel).value} channel"
         peers = sorted({s.peer for s in sends} | {r.peer for r in recvs})
+        where = (f"rank {self.rank}, step {step}, {Channel(channel).value} channel, exchanging with "
+                 + ", ".join(f"rank {p}" for p in peers))
         # A transport failure while posting (a peer gone, say) must surface as a TokenRing error too.
-        with transport_errors(f"{where}, posting a batch with ranks {peers}"):
+        with transport_errors(where):
             works = dist.batch_isend_irecv(ops) if ops else []
         return _BatchHandle(works, tensors, where)
 
