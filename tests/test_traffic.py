@@ -6,6 +6,7 @@ from tokenring.interfaces import LinkTraffic
 from tokenring.plan import sum_by_link
 from tokenring.plans import schedule_names
 from tokenring.testing.problems import Problem
+from tokenring.tools.problems import fitting_seq_local
 
 ALGORITHMS = pytest.mark.parametrize("algorithm", schedule_names())
 
@@ -16,7 +17,8 @@ ALGORITHMS = pytest.mark.parametrize("algorithm", schedule_names())
 @pytest.mark.parametrize("dtype,heads", [("float32", (4, 4)), ("bfloat16", (4, 1)), ("float16", (6, 2)), ("float64", (2, 2))])
 def test_sent_bytes_equal_planned_bytes(worlds, seed, world_size, algorithm, causal, dtype, heads):
     # An odd head dim and odd head counts give out sections that need padding in the packed partial.
-    problem = Problem(seed, batch=2, seq_len=6 * world_size, q_heads=heads[0], kv_heads=heads[1], head_dim=17 if dtype != "float64" else 16,
+    seq_len = fitting_seq_local(6, algorithm, causal, world_size) * world_size  # 6, or what the pieces divide
+    problem = Problem(seed, batch=2, seq_len=seq_len, q_heads=heads[0], kv_heads=heads[1], head_dim=17 if dtype != "float64" else 16,
                       dtype=dtype, causal=causal, algorithm=algorithm)
     results = worlds.get(world_size).run_ok("tokenring.testing.tasks.attention", problem)
     measured = sum_by_link(LinkTraffic(**message) for r in results for message in r["sent"])

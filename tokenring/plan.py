@@ -77,6 +77,11 @@ class Span:
             return self
         return Span(min(self.start, other.start), max(self.stop, other.stop))
 
+    def intersection(self, other: "Span") -> "Span | None":
+        """The rows both cover, or None."""
+        start, stop = max(self.start, other.start), min(self.stop, other.stop)
+        return Span(start, stop) if start < stop else None
+
     def within(self, outer: "Span") -> "Span":
         """This span as a fraction of ``outer``, which must contain it."""
         if not outer.contains(self):

@@ -142,3 +142,9 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     diff = torch.linalg.vector_norm(got64[finite] - want64[finite]).item()
     norm = torch.linalg.vector_norm(want64[finite]).item()
     return diff / norm if norm > 0 else diff
+
+
+def fitting_seq_local(wanted: int, algorithm: str, causal: bool, world_size: int) -> int:
+    """``wanted`` rows per rank, or the least multiple of it that the schedule's pieces divide."""
+    plan = build_plan(algorithm, default_layout(causal), causal, world_size)
+    return math.lcm(wanted, plan.granularity)
