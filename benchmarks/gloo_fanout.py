@@ -10,41 +10,34 @@ in docs/BENCHMARKS.md.
     python benchmarks/gloo_fanout.py
 """
 
-import os
 import sys
-import time
 
 
 def fan_out(rank: int, world_size: int, peers: int) -> list[int]:
     import torch
     import torch.distributed as dist
 
+    from emulated import timed_rounds
     from tokenring.tools import benchmark
 
     outgoing = [torch.ones((1 << 20) // 4) for _ in range(peers)]
     incoming = [torch.empty((1 << 20) // 4) for _ in range(peers)]
-    times = []
-    for _ in range(3):
-        dist.barrier()
-        started = time.perf_counter()
+
+    def post():
         works = []
         for d in range(1, peers + 1):
             works.append(dist.isend(outgoing[d - 1], group=benchmark._GROUP, group_dst=(rank + d) % world_size, tag=d))
             works.append(dist.irecv(incoming[d - 1], group=benchmark._GROUP, group_src=(rank - d) % world_size, tag=d))
-        for work in works:
-            work.wait()
-        times.append(round((time.perf_counter() - started) * 1e3))
-    return times
+        return works
+
+    return timed_rounds(post)
 
 
 def main() -> None:
-    from tokenring.tools.launch import LocalWorld
-    from tokenring.tools.netem import Network
+    from emulated import emulated_world
 
-    here = os.path.dirname(os.path.abspath(__file__))
     n = 8
-    with Network("fullmesh", n, 0.1) as net, LocalWorld(n, threads_per_rank=1, env={"PYTHONPATH": here}) as world:
-        world.run_ok("tokenring.tools.benchmark.join_network", [net.rank_settings(r) for r in range(n)], 60.0)
+    with emulated_world(n) as world:
         for peers in (1, 2, 4, 7):
             per_rank = world.run_ok("gloo_fanout.fan_out", peers, timeout_s=600)
             slowest = [max(r[i] for r in per_rank) for i in range(3)]

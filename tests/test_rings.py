@@ -49,3 +49,26 @@ def test_multi_ring_plans_put_each_piece_on_links_of_its_own(algorithm, n, layou
         assert max(owners_per_link.values(), default=0) <= (2 if layout == "zigzag" else 1), step.index
         used.update(owners_per_link)
     assert len(used) == ring_count(n) * n
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+@pytest.mark.parametrize("algorithm", ["ring-multi", "ring-2way"])
+def test_dkv_sums_follow_each_piece_home_and_are_exact(n, algorithm):
+    """Backward of the K/V schedules: each piece's dK/dV sum rides its own chain (messages a piece long,
+    so a rank holds pieces, not whole shards, of others' sums) and the gradients equal float64's."""
+    import torch
+
+    from test_plan_model import _expected, _problem
+    from threaded_world import run_plan
+    from tokenring.layout import shard, unshard
+
+    plan, backward = (build_plan(algorithm, "contiguous", False, n, backward=b) for b in (False, True))
+    pieces = {t.span for _, t in plan.transfers() if t.payload is Payload.KEY_VALUE}
+    sums = [t for _, t in backward.transfers() if t.payload is Payload.GRAD_KEY_VALUE]
+    assert sums and all(t.span in pieces for t in sums), (pieces, {t.span for t in sums})
+    (q, k, v, dout), _, _ = _problem(n, 8, 8)
+    shards = [tuple(shard(t, r, n, layout="contiguous") for t in (q, k, v)) for r in range(n)]
+    douts = [shard(dout, r, n, layout="contiguous") for r in range(n)]
+    results, _ = run_plan(plan, shards, scale=0.4, backward_plan=backward, douts=douts)
+    for index, grad in zip((2, 3, 4), _expected(q, k, v, dout, 0.4)[2]):
+        torch.testing.assert_close(unshard([r[index] for r in results], layout="contiguous"), grad, rtol=1e-9, atol=1e-9)

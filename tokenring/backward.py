@@ -7,10 +7,12 @@ keys/values travel as before. What the forward has no counterpart for is the
 dK/dV that holders of someone else's keys compute; `derive_backward` adds
 their way home for every schedule in which keys/values travel:
 
-* when an owner's keys/values went down a chain (each holder received them
-  once and passed them to at most one other), the running dK/dV sum starts at
-  the first holder that contributes, follows the chain one hop behind the
-  work, summed on the way, and goes home from the last contributor;
+* when an owner's keys/values went down chains, one per piece (each holder
+  received a piece once and passed it to at most one other: one chain in the
+  ring, one per direction or per ring in the two-way and multi-ring
+  schedules), the running dK/dV sum of each piece starts at the first holder
+  that contributes, follows its chain one hop behind the work, summed on the
+  way, and goes home from the last contributor;
 * otherwise each contributor sends its own sum straight home after its last
   block.
 
@@ -51,22 +53,48 @@ def derive_backward(forward: Plan) -> Plan:
 
 def _grad_kv_route(forward: Plan, owner: int) -> list[tuple[int, Transfer]]:
     """(step, transfer) of every dK/dV message that brings ``owner``'s gradients home."""
-    last_block: dict[int, int] = {}   # holder -> last step it computes with owner's keys
-    covered: dict[int, Span] = {}     # holder -> the hull of the key spans it contributes
+    chains = _chains(forward, owner)
+    if chains is None:
+        return _straight_home(forward, owner)
     for step in forward.steps:
         for b in step.blocks:
-            if b.kv_owner == owner and b.rank != owner:
+            if b.kv_owner == owner and b.rank != owner and not any(
+                piece.contains(b.kv_span) and b.rank in ranks for piece, ranks in chains
+            ):  # a block on no chain: do not guess
+                return _straight_home(forward, owner)
+    messages = []
+    for piece, chain in chains:
+        messages += _along_chain(forward, owner, piece, chain)
+    return messages
+
+
+def _straight_home(forward: Plan, owner: int) -> list[tuple[int, Transfer]]:
+    """Each contributor's own sum, straight home after its last block."""
+    last_block, covered = _contributions(forward, owner, None)
+    return [
+        (last_block[h] + 1, Transfer(h, owner, Payload.GRAD_KEY_VALUE, owner, covered[h]))
+        for h in sorted(last_block)
+    ]
+
+
+def _contributions(forward: Plan, owner: int, piece: Span | None) -> tuple[dict[int, int], dict[int, Span]]:
+    """Per holder of ``owner``'s keys (within ``piece``, if given): its last block's step and its rows."""
+    last_block: dict[int, int] = {}
+    covered: dict[int, Span] = {}
+    for step in forward.steps:
+        for b in step.blocks:
+            if b.kv_owner == owner and b.rank != owner and (piece is None or piece.contains(b.kv_span)):
                 last_block[b.rank] = step.index
                 covered[b.rank] = b.kv_span.hull(covered.get(b.rank))
-    if not last_block:
-        return []
-    chain = _chain(forward, owner)
-    if chain is None:
-        return [
-            (last_block[h] + 1, Transfer(h, owner, Payload.GRAD_KEY_VALUE, owner, covered[h]))
-            for h in sorted(last_block)
-        ]
+    return last_block, covered
+
+
+def _along_chain(forward: Plan, owner: int, piece: Span, chain: list[int]) -> list[tuple[int, Transfer]]:
+    """The running sum of one piece starts at its first contributor, follows the chain, goes home from the last."""
+    last_block, covered = _contributions(forward, owner, piece)
     contributors = [h for h in chain if h in last_block]
+    if not contributors:
+        return []
     route = chain[chain.index(contributors[0]) : chain.index(contributors[-1]) + 1] + [owner]
     messages = []
     carried: Span | None = None
@@ -81,13 +109,25 @@ def _grad_kv_route(forward: Plan, owner: int) -> list[tuple[int, Transfer]]:
     return messages
 
 
-def _chain(forward: Plan, owner: int) -> list[int] | None:
-    """The ranks ``owner``'s keys/values visited, in order, if they went down a single chain."""
-    chain = [owner]
+def _chains(forward: Plan, owner: int) -> list[tuple[Span, list[int]]] | None:
+    """The chains ``owner``'s keys/values went down, one per piece: (the piece, the ranks in order).
+
+    Each message of the owner's keys either leaves the owner (a new chain,
+    its span the piece) or extends the one chain that ends at its sender and
+    whose piece holds its span. None when they did not go down chains like
+    that (then each holder's sum goes straight home).
+    """
+    chains: list[tuple[Span, list[int]]] = []
     for _, t in forward.transfers():
         if t.payload is not Payload.KEY_VALUE or t.owner != owner:
             continue
-        if t.src != chain[-1] or t.dst in chain:
+        if t.src == owner:
+            if any(piece.intersection(t.span) for piece, _ in chains):
+                return None
+            chains.append((t.span, [t.dst]))
+            continue
+        ends = [(piece, ranks) for piece, ranks in chains if ranks[-1] == t.src and piece.contains(t.span)]
+        if len(ends) != 1 or t.dst in ends[0][1] or t.dst == owner:
             return None
-        chain.append(t.dst)
-    return chain[1:]
+        ends[0][1].append(t.dst)
+    return chains

@@ -269,6 +269,8 @@ class _BackwardRun(_Run):
         self.dq = torch.zeros(q.shape, dtype=self.acc_dtype, device=self.device)
         self.dk = torch.zeros(k.shape, dtype=self.acc_dtype, device=self.device)
         self.dv = torch.zeros(v.shape, dtype=self.acc_dtype, device=self.device)
+        self.grad_kv_sends = [(index, t) for index, t in plan.transfers()
+                              if t.payload is Payload.GRAD_KEY_VALUE and t.src == self.rank]
 
     def _compute(self, block: Block) -> None:
         mine = self.held.get(Payload.GRAD_QUERY, block.q_owner, block.q_span)
@@ -290,16 +292,24 @@ class _BackwardRun(_Run):
             narrow(self.dk, block.kv_span, 1).add_(dk)
             narrow(self.dv, block.kv_span, 1).add_(dv)
         else:
-            travelling = self._travelling_grad_kv(block.kv_owner)
-            narrow(travelling[0], block.kv_span, 1).add_(dk)
-            narrow(travelling[1], block.kv_span, 1).add_(dv)
+            travelling = self._travelling_grad_kv(block.kv_owner, block.kv_span)
+            travelling[0].add_(dk)
+            travelling[1].add_(dv)
 
-    def _travelling_grad_kv(self, owner: int) -> torch.Tensor:
-        """The running sum of dk/dv for ``owner``'s keys, held here on its way home."""
-        if not self.held.holds(Payload.GRAD_KEY_VALUE, owner):
-            buffer = self.held.message_buffer(Payload.GRAD_KEY_VALUE, ALL).zero_()
-            self.held.hold_message(Payload.GRAD_KEY_VALUE, owner, ALL, buffer)
-        return self.held.get(Payload.GRAD_KEY_VALUE, owner, ALL)["dkv"]
+    def _travelling_grad_kv(self, owner: int, span: Span) -> torch.Tensor:
+        """``span`` of the running dk/dv sum for ``owner``'s keys, held here on its way home.
+
+        One sum per message that will carry it on (the plan's next dK/dV send
+        of these rows): with keys/values in pieces a rank may hold several
+        pieces of one owner at once, each only as long as its own rows.
+        """
+        carrier = next(t for index, t in self.grad_kv_sends
+                       if index > self.step_index and t.owner == owner and t.span.contains(span))
+        if self.held.result(Payload.GRAD_KEY_VALUE, owner, carrier.span) is None:
+            buffer = self.held.message_buffer(Payload.GRAD_KEY_VALUE, carrier.span).zero_()
+            self.held.hold_message(Payload.GRAD_KEY_VALUE, owner, carrier.span, buffer)
+        whole = self.held.result(Payload.GRAD_KEY_VALUE, owner, carrier.span)["dkv"]
+        return narrow(whole, span.within(carrier.span), 2)
 
     def _arrive(self, t: Transfer, buffer: torch.Tensor) -> None:
         if t.payload is Payload.GRAD_PARTIAL:
@@ -310,7 +320,7 @@ class _BackwardRun(_Run):
                 narrow(self.dk, t.span, 1).add_(buffer[0])
                 narrow(self.dv, t.span, 1).add_(buffer[1])
             else:
-                narrow(self._travelling_grad_kv(t.owner), t.span, 2).add_(buffer)
+                self._travelling_grad_kv(t.owner, t.span).add_(buffer)
             self.held.pool.give(buffer)
         else:
             self.held.hold_message(t.payload, t.owner, t.span, buffer)

@@ -143,12 +143,13 @@ def check_plan(plan: Plan) -> None:
                     raise PlanError(f"{where}: result for rank {t.owner} sent to rank {t.dst}")
                 arriving.append((t, waiting))
             elif t.payload is Payload.GRAD_KEY_VALUE and plan.backward:
-                pairs = travelling_kv[t.src].pop(t.owner, None)
-                if not pairs:
-                    raise PlanError(f"{where}: rank {t.src} sends dk/dv for rank {t.owner} it does not hold")
+                # A rank may hold sums for several pieces of one owner's keys; a message takes those in its span.
+                held_sums = travelling_kv[t.src].get(t.owner, [])
                 allowed = set(atoms.of(t.owner, t.span))
-                if any(ka not in allowed for _, ka, _ in pairs):
-                    raise PlanError(f"{where}: dk/dv for rank {t.owner} sent as span {t.span} misses rows")
+                pairs = [p for p in held_sums if p[1] in allowed]
+                if not pairs:
+                    raise PlanError(f"{where}: rank {t.src} sends dk/dv for rank {t.owner}.{t.span} it does not hold")
+                travelling_kv[t.src][t.owner] = [p for p in held_sums if p[1] not in allowed]
                 arriving.append((t, pairs))
             elif t.payload in (query, Payload.KEY_VALUE):
                 if not held.has(t.src, t.payload, t.owner, t.span):
