@@ -185,7 +185,8 @@ def token_ring_attn(
         agreement.skips += 1
     else:
         agreement.gathers += 1
-        agreed, _ = agreement.agreed, agreement.forget()
+        agreed = agreement.agreed
+        agreement.forget()  # until this gather succeeds, no call is agreed
         if agreed is not None:  # peers may be running the agreed call: stop them (tokenring/agreement.py)
             executor.stop_agreed_call(agreed, timeout_s=wait_s)
         agree(comm, signature, problem, timeout_s=wait_s, error=BackendError if backend_problem else InputError)

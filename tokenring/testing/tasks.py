@@ -63,8 +63,9 @@ def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: di
     kwargs.update(changes)
     with _environment("TOKENRING_CHECKS", checks):
         out = tokenring.token_ring_attn(tensors["q"], tensors["k"], tensors["v"], **kwargs)
-    return "finite" if report == "finiteness" and bool(torch.isfinite(out).all()) else (
-        "not finite" if report == "finiteness" else "ok")
+    if report == "finiteness":
+        return "finite" if bool(torch.isfinite(out).all()) else "not finite"
+    return "ok"
 
 
 @contextlib.contextmanager
