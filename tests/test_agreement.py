@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tokenring.agreement import MARKER, Agreement, markers_reach_everyone
-from tokenring.interfaces import Channel, Mask
+from tokenring.interfaces import Mask
 from tokenring.layout import Layout
 from tokenring.plan import ALL, Block, Payload, Plan, ProblemShape, Step, Transfer
 from tokenring.plans import build_plan, schedule_names
@@ -141,7 +141,3 @@ def test_repeated_calls_run_no_host_sync_no_collective_and_only_the_plans_messag
         predicted = [shape.payload_bytes(t.payload, t.span) for plan in plans for _, t in plan.transfers() if t.src == rank]
         assert sorted(m["bytes"] for m in result["sent"]) == sorted(predicted * calls), rank
 
-
-def test_message_channels_are_the_plans():
-    # The stop markers travel on the channel of the message they replace (tokenring.executor._post_markers).
-    assert {p.channel for p in Payload} == {Channel.QUERY, Channel.PARTIAL}

@@ -62,6 +62,11 @@ def is_marker(buffer: torch.Tensor) -> bool:
     return head.numpy().tobytes() == MARKER
 
 
+def markers_readable(comm: Comm) -> bool:
+    """Whether a marker can stand in for a message on ``comm`` and be found without a device sync."""
+    return getattr(comm, "accepts_short_messages", False) and comm.device.type == "cpu"
+
+
 def markers_reach_everyone(plan: Plan) -> bool:
     """Whether markers sent by any one rank from step 0 on reach every rank before the plan ends.
 
@@ -103,8 +108,7 @@ class Agreement:
         """After a successful gather: skip the next ones for ``key`` when a change can still be caught."""
         smallest = min((shape.payload_bytes(t.payload, t.span) for _, t in plan.transfers()), default=0)
         catchable = comm.world_size == 1 or (  # alone, nobody else can differ
-            getattr(comm, "accepts_short_messages", False)
-            and comm.device.type == "cpu" and smallest >= len(MARKER) and markers_reach_everyone(plan)
+            markers_readable(comm) and smallest >= len(MARKER) and markers_reach_everyone(plan)
         )
         self.agreed = AgreedCall(key, plan, shape, dtype) if catchable else None
 

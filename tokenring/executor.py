@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import timeline
-from .agreement import AgreedCall, Agreement, PeerAborted, is_marker, marker_tensor
+from .agreement import AgreedCall, Agreement, PeerAborted, is_marker, marker_tensor, markers_readable
 from .buffers import RESULTS, BufferPool, Holdings, Key, narrow
 from .finite import nan_if_not_finite
 from .interfaces import AttentionKernel, Channel, Comm, Handle, Recv, Send, accumulation_dtype
@@ -207,7 +207,7 @@ class _ForwardRun(_Run):
         q, k = nan_if_not_finite(q), nan_if_not_finite(k)
         super().__init__(executor, plan, q, k, v, scale)
         # Only the forward is stopped by markers: the backward runs a call the ranks already agreed on.
-        self.watch_markers = self.device.type == "cpu" and getattr(self.comm, "accepts_short_messages", False)
+        self.watch_markers = markers_readable(self.comm)
         self.held.hold(Payload.QUERY, self.rank, ALL, {"q": q})
         self.acc_out: torch.Tensor | None = None
         self.acc_lse: torch.Tensor | None = None
