@@ -271,3 +271,53 @@ def test_a_forward_returning_an_unexpected_number_of_values_is_reported_with_the
     q, k, v = inputs(8, 8, 2, 2, torch.bfloat16)
     with pytest.raises(RuntimeError, match="flash-attn 2.7.0.*returned 5 values"):
         kernel.forward(q, k, v, scale=0.3, mask=Mask.NONE)
+
+
+def _position_mask_case(seed):
+    """Two documents, a window, a padding row, and a row that sees nothing in this block."""
+    from tokenring.interfaces import PositionMask
+
+    gen = torch.Generator().manual_seed(seed)
+    q_pos = torch.tensor([0, 1, 2, 7, 8, 9, 20, 21])
+    k_pos = torch.tensor([0, 1, 6, 7, 8, 9, 15])
+    q_doc = torch.tensor([0, 0, 0, 1, 1, 1, -1, 2])
+    k_doc = torch.tensor([0, 0, 1, 1, 1, 1, 1])
+    return PositionMask(q_pos, k_pos, q_doc, k_doc, causal=True, window=(2, -1)), gen
+
+
+def _masked_reference(q, k, v, mask, scale):
+    from tokenring.masks import dense_allowed
+
+    group = q.shape[2] // k.shape[2]
+    q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))
+    k64, v64 = k64.repeat_interleave(group, dim=2), v64.repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q64, k64) * scale
+    s = s.masked_fill(~dense_allowed(mask), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
+    return torch.einsum("bhqk,bkhd->bqhd", p, v64), lse
+
+
+@pytest.mark.parametrize("kernel_name", ["sdpa", "flash 2.7 (masked blocks through sdpa)"])
+@pytest.mark.parametrize("heads", HEADS)
+def test_position_masks_forward_and_backward(kernel_name, heads):
+    mask, gen = _position_mask_case(0)
+    dtype = torch.float32 if kernel_name == "sdpa" else torch.bfloat16
+    kernel = sdpa_kernel() if kernel_name == "sdpa" else FlashKernel(
+        FlashInterface("stand-in flash-attn 2.7", spec.flash_2_7._flash_attn_forward,
+                       spec.flash_2_7._flash_attn_backward, FLASH_2_7), masked=sdpa_kernel())
+    hq, hkv = heads
+    q = torch.randn(2, 8, hq, 16, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(2, 7, hkv, 16, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(2, 7, hkv, 16, generator=gen).to(dtype).requires_grad_()
+    out, lse = kernel.forward(q.detach(), k.detach(), v.detach(), scale=0.25, mask=mask)
+    want_out, want_lse = _masked_reference(q, k, v, mask, 0.25)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.isneginf(lse[:, :, 6]).all() and (out[:, 6] == 0).all()  # the padding row
+    assert relative_error(out, want_out) <= TOLERANCE[dtype] and relative_error(lse, want_lse) <= TOLERANCE[dtype]
+    dout = torch.randn(out.shape, generator=gen).to(dtype)
+    grads = kernel.backward(dout, q.detach(), k.detach(), v.detach(), out, lse, scale=0.25, mask=mask)
+    want = torch.autograd.grad(want_out, (q, k, v), dout.to(torch.float64))
+    for name, got, expected in zip(("dq", "dk", "dv"), grads, want):
+        assert not torch.isnan(got).any(), name
+        assert relative_error(got, expected) <= GRAD_TOLERANCE[dtype], name

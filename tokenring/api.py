@@ -14,13 +14,14 @@ from .executor import Executor
 from .groups import resolve_group
 from .interfaces import Backend, BackendError, InputError, TokenRingError
 from .layout import Layout, default_layout
-from .plans import build_plan
+from .masks import mask_fingerprint, token_mask_for_call
+from .plans import build_masked_plan, build_plan
 from .registry import registry
 from .plancheck import PlanError
 from .agreement import agree, call_signature, signature_key
 from .compiled import attend, compiled_token_ring_attn, forget_states, use_eager_call
 from .executor import problem_shape
-from .validation import local_problem, plan_problem
+from .validation import local_problem, mask_arguments, plan_problem
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -109,6 +110,8 @@ def token_ring_attn(
     algorithm: str = "tokenring",
     return_lse: bool = False,
     caller_problem: str | None = None,
+    cu_seqlens: Any = None,
+    window: Any = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a sequence sharded across the ranks of ``group``.
 
@@ -131,6 +134,18 @@ def token_ring_attn(
     place. lse is not differentiable. Every rank must run the backward, as it
     ran the forward. Double backward is not supported.
 
+    ``cu_seqlens`` packs documents along the sequence (batch size 1, as in
+    flash-attn's varlen functions): ``[0, l1, l1+l2, ..., S]`` over the whole
+    global sequence, the same on every rank, int32 or int64 (a CPU tensor or a
+    list: it is read on the host). Attention stays within each document, and
+    is causal within it with ``causal``. Any lengths work; tokens after the
+    last boundary are padding, with out 0 and zero gradients. Shard with
+    `tokenring.shard(..., cu_seqlens=cu_seqlens)`: with the zigzag layout
+    tokens are placed per document so that every rank gets the same work.
+    ``window=(left, right)`` is flash-attn's ``window_size`` in global
+    positions: query i sees keys i - left ... i + right (-1: unbounded). Blocks
+    and messages that no query needs are not computed and not sent.
+
     ``caller_problem`` is a wrapper's own reason to refuse this rank's call
     (say, a check of its inputs that token_ring_attn cannot see): every rank
     then raises `tokenring.InputError` naming it and this rank, as for a bad
@@ -142,6 +157,9 @@ def token_ring_attn(
     """
     # -- torch.compile route (tokenring/compiled.py): checks, agreement and attention as custom ops --
     if torch.compiler.is_dynamo_compiling():  # Dynamo is tracing this call
+        if cu_seqlens is not None or window is not None:
+            raise InputError("tokenring.token_ring_attn: cu_seqlens and window are not supported under "
+                             "torch.compile yet; call it outside the compiled region (torch.compiler.disable)")
         return compiled_token_ring_attn(q, k, v, causal=causal, softmax_scale=softmax_scale, group=group,
                                         backend=backend, layout=layout, algorithm=algorithm, return_lse=return_lse,
                                         caller_problem=caller_problem)
@@ -154,7 +172,8 @@ def token_ring_attn(
     grad_inputs = [name for name, t in (("q", q), ("k", k), ("v", v)) if getattr(t, "requires_grad", False)]
     needs_grad = torch.is_grad_enabled() and bool(grad_inputs)
     problem = backend_problem or caller_problem or local_problem(
-        q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=algorithm, backend=chosen
+        q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=algorithm, backend=chosen,
+        documents=cu_seqlens is not None,
     )
     if problem is None and needs_grad and not chosen.capabilities.backward:
         problem = f"argument '{grad_inputs[0]}': requires grad, but backend {chosen.name!r} has no backward pass"
@@ -164,12 +183,22 @@ def token_ring_attn(
             f"argument 'group': backend {chosen.name!r} supports at most {max_world_size} ranks, "
             f"got {comm.world_size}"
         )
+    boundaries = masked_window = None
+    if problem is None:
+        boundaries, masked_window, problem = mask_arguments(cu_seqlens, window, q, comm.world_size, chosen)
     plan = backward_plan = None
     if problem is None:
         try:
-            plan = build_plan(algorithm, Layout(layout), causal, comm.world_size)
-            if needs_grad:
-                backward_plan = build_plan(algorithm, Layout(layout), causal, comm.world_size, backward=True)
+            if boundaries is not None or masked_window is not None:
+                tokens = token_mask_for_call(q.shape[1] * comm.world_size, comm.world_size, Layout(layout).value,
+                                             causal, masked_window, boundaries)
+                plan = build_masked_plan(algorithm, tokens)
+                if needs_grad:
+                    backward_plan = build_masked_plan(algorithm, tokens, backward=True)
+            else:
+                plan = build_plan(algorithm, Layout(layout), causal, comm.world_size)
+                if needs_grad:
+                    backward_plan = build_plan(algorithm, Layout(layout), causal, comm.world_size, backward=True)
         except (ValueError, PlanError) as error:  # a plugin's schedule that cannot build this call
             problem = f"argument 'algorithm': {error}"
         else:
@@ -178,6 +207,8 @@ def token_ring_attn(
         q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=algorithm,
         backend=chosen, needs_grad=needs_grad,
     )
+    if boundaries is not None or masked_window is not None:
+        signature["documents and window"] = mask_fingerprint(boundaries, masked_window)
     key = signature_key(signature)
     wait_s = timeout_s()
     agreement = executor.agreement

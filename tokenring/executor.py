@@ -16,7 +16,8 @@ from . import timeline
 from .agreement import AgreedCall, Agreement, PeerAborted, is_marker, marker_tensor, markers_readable
 from .buffers import RESULTS, BufferPool, Holdings, Key, narrow
 from .finite import nan_if_not_finite
-from .interfaces import AttentionKernel, Channel, Comm, Handle, Recv, Send, accumulation_dtype
+from .interfaces import AttentionKernel, Channel, Comm, Handle, Mask, PositionMask, Recv, Send, accumulation_dtype
+from .masks import cached_position_mask
 from .merge import merge_partial_
 from .plan import ALL, Block, Payload, Plan, ProblemShape, Span, Step, Transfer
 
@@ -191,6 +192,14 @@ class _Run:
         kv = self.held.get(Payload.KEY_VALUE, owner, span)["kv"]
         return kv[0], kv[1]
 
+    def _kernel_mask(self, block: Block) -> "Mask | PositionMask":
+        if block.mask is not Mask.TOKENS:
+            return block.mask
+        assert self.plan.tokens is not None
+        length = self.shape.seq_local
+        return cached_position_mask(self.plan.tokens, block.q_owner, block.q_span.row_range(length),
+                                    block.kv_owner, block.kv_span.row_range(length), self.device)
+
     def _compute(self, block: Block) -> None:
         raise NotImplementedError
 
@@ -231,7 +240,7 @@ class _ForwardRun(_Run):
         q = self.held.get(Payload.QUERY, block.q_owner, block.q_span)["q"]
         k, v = self._key_value(block.kv_owner, block.kv_span)
         started = self.trace.clock()
-        out, lse = self.kernel.forward(q, k, v, scale=self.scale, mask=block.mask)
+        out, lse = self.kernel.forward(q, k, v, scale=self.scale, mask=self._kernel_mask(block))
         merged = self.trace.computed(self.step_index, started, block)
         if block.q_owner == self.rank:
             self._accumulate(out, lse, block.q_span)
@@ -254,7 +263,13 @@ class _ForwardRun(_Run):
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.acc_out is None or self.acc_lse is None:
-            raise RuntimeError(f"plan error: rank {self.rank} received no result for its queries")
+            if self.plan.tokens is None:
+                raise RuntimeError(f"plan error: rank {self.rank} received no result for its queries")
+            # Under a token mask a rank of padding only sees nothing: out 0, lse -inf.
+            self.acc_out = torch.zeros(self.q_shape, dtype=self.acc_dtype, device=self.device)
+            self.acc_lse = torch.full((self.shape.batch, self.shape.q_heads, self.shape.seq_local), float("-inf"),
+                                      dtype=self.acc_dtype, device=self.device)
+        assert self.acc_out is not None and self.acc_lse is not None
         return self.acc_out.to(self.dtype), self.acc_lse
 
 
@@ -277,7 +292,7 @@ class _BackwardRun(_Run):
         k, v = self._key_value(block.kv_owner, block.kv_span)
         started = self.trace.clock()
         dq, dk, dv = self.kernel.backward(
-            mine["dout"], mine["q"], k, v, mine["out"], mine["lse"], scale=self.scale, mask=block.mask
+            mine["dout"], mine["q"], k, v, mine["out"], mine["lse"], scale=self.scale, mask=self._kernel_mask(block)
         )
         self.trace.computed(self.step_index, started, block)
         if block.q_owner == self.rank:

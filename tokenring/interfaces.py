@@ -37,6 +37,29 @@ class Mask(str, enum.Enum):
 
     NONE = "none"
     CAUSAL = "causal"
+    TOKENS = "tokens"  # from the tokens' global positions and documents: the kernel gets a `PositionMask`
+
+
+@dataclass(frozen=True, eq=False)
+class PositionMask:
+    """The mask of one block from its tokens: query i sees key j when
+
+    ``q_documents[i] == k_documents[j] >= 0``, ``k_positions[j] <= q_positions[i]``
+    when ``causal``, and ``q_positions[i] - left <= k_positions[j] <= q_positions[i] + right``
+    for ``window = (left, right)`` (-1: unbounded on that side; flash-attn's
+    ``window_size``). Positions are global token positions, increasing along
+    each side's rows; document -1 is padding, which sees and is seen by nothing.
+    Kernels of backends that declare ``varlen`` (and ``window`` for a window)
+    receive one as ``mask`` for blocks the plan marks `Mask.TOKENS`; a row
+    that sees no key has out 0 and lse -inf, as always.
+    """
+
+    q_positions: torch.Tensor  # (Sq,) int64
+    k_positions: torch.Tensor  # (Sk,) int64
+    q_documents: torch.Tensor  # (Sq,) int64
+    k_documents: torch.Tensor  # (Sk,) int64
+    causal: bool
+    window: tuple[int, int] | None = None
 
 
 class Channel(str, enum.Enum):
@@ -61,6 +84,8 @@ class Capabilities:
     backward: bool = False
     max_world_size: int | None = None
     max_q_heads: int | None = None  # most query heads one kernel call takes (None: no limit)
+    varlen: bool = False           # kernels take a `PositionMask` (packed documents, padding)
+    window: bool = False           # ... with a sliding window
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +96,8 @@ class Capabilities:
             "backward": self.backward,
             "max_world_size": self.max_world_size,
             "max_q_heads": self.max_q_heads,
+            "varlen": self.varlen,
+            "window": self.window,
         }
 
 
@@ -101,7 +128,7 @@ class AttentionKernel(abc.ABC):
         v: torch.Tensor,
         *,
         scale: float,
-        mask: Mask,
+        mask: "Mask | PositionMask",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (out, lse); out has q's shape and dtype."""
 
@@ -115,7 +142,7 @@ class AttentionKernel(abc.ABC):
         lse: torch.Tensor,
         *,
         scale: float,
-        mask: Mask,
+        mask: "Mask | PositionMask",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Gradients (dq, dk, dv) of one block, in the dtypes of q, k and v.
 

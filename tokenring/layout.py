@@ -43,11 +43,21 @@ def rank_chunks(layout: Layout, rank: int, world_size: int) -> tuple[int, ...]:
     return (rank,)
 
 
-def shard(x: torch.Tensor, rank: int, world_size: int, *, layout: "Layout | str", dim: int = 1) -> torch.Tensor:
-    """This rank's shard of the full-sequence tensor ``x`` (sequence along ``dim``)."""
+def shard(x: torch.Tensor, rank: int, world_size: int, *, layout: "Layout | str", dim: int = 1,
+          cu_seqlens: "torch.Tensor | Sequence[int] | None" = None) -> torch.Tensor:
+    """This rank's shard of the full-sequence tensor ``x`` (sequence along ``dim``).
+
+    With ``cu_seqlens`` (packed documents, see `tokenring.token_ring_attn`) and
+    the zigzag layout, tokens are placed per document: pass the same
+    ``cu_seqlens`` to `unshard`. The sequence length must then divide by
+    ``world_size`` only.
+    """
     layout = parse_layout(layout)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    if cu_seqlens is not None:
+        runs = _document_runs(x.shape[dim], world_size, layout, cu_seqlens, dim)
+        return torch.cat([x.narrow(dim, a, b - a) for a, b in runs[rank]], dim=dim)
     n_chunks = world_size * chunks_per_rank(layout)
     length = x.shape[dim]
     if length % n_chunks:
@@ -59,12 +69,26 @@ def shard(x: torch.Tensor, rank: int, world_size: int, *, layout: "Layout | str"
     return torch.cat([chunks[c] for c in rank_chunks(layout, rank, world_size)], dim=dim)
 
 
-def unshard(parts: Sequence[torch.Tensor], *, layout: "Layout | str", dim: int = 1) -> torch.Tensor:
-    """The full-sequence tensor from per-rank shards given in rank order."""
+def unshard(parts: Sequence[torch.Tensor], *, layout: "Layout | str", dim: int = 1,
+            cu_seqlens: "torch.Tensor | Sequence[int] | None" = None) -> torch.Tensor:
+    """The full-sequence tensor from per-rank shards given in rank order (the inverse of `shard`)."""
     layout = parse_layout(layout)
     world_size = len(parts)
     if world_size == 0:
         raise ValueError("unshard needs at least one part")
+    if cu_seqlens is not None:
+        seq_len = sum(part.shape[dim] for part in parts)
+        runs = _document_runs(seq_len, world_size, layout, cu_seqlens, dim)
+        pieces: list[tuple[int, torch.Tensor]] = []
+        for rank, part in enumerate(parts):
+            if part.shape[dim] != seq_len // world_size:
+                raise ValueError(f"part of rank {rank} has {part.shape[dim]} rows along dim {dim}, "
+                                 f"expected {seq_len // world_size}")
+            offset = 0
+            for a, b in runs[rank]:
+                pieces.append((a, part.narrow(dim, offset, b - a)))
+                offset += b - a
+        return torch.cat([piece for _, piece in sorted(pieces, key=lambda p: p[0])], dim=dim)
     per_rank = chunks_per_rank(layout)
     chunks: list[torch.Tensor | None] = [None] * (world_size * per_rank)
     for rank, part in enumerate(parts):
@@ -73,3 +97,16 @@ def unshard(parts: Sequence[torch.Tensor], *, layout: "Layout | str", dim: int =
         for chunk, index in zip(part.chunk(per_rank, dim=dim), rank_chunks(layout, rank, world_size)):
             chunks[index] = chunk
     return torch.cat(chunks, dim=dim)  # type: ignore[arg-type]
+
+
+def _document_runs(seq_len: int, world_size: int, layout: Layout, cu_seqlens, dim: int):
+    from .masks import layout_runs
+
+    if seq_len % world_size:
+        raise ValueError(f"sequence length {seq_len} (dim {dim}) must be divisible by the world size {world_size}")
+    values = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+    if (len(values) < 2 or values[0] != 0 or any(b <= a for a, b in zip(values, values[1:]))
+            or values[-1] > seq_len):
+        raise ValueError(f"cu_seqlens must be [0, l1, l1+l2, ...] strictly increasing and at most the sequence "
+                         f"length {seq_len}, got {values[:16]}")
+    return layout_runs(seq_len, world_size, layout.value, tuple(int(v) for v in values))

@@ -26,10 +26,13 @@ import functools
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from .interfaces import Channel, LinkTraffic, Mask
 from .layout import Layout
+
+if TYPE_CHECKING:
+    from .masks import TokenMask
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,11 @@ class Span:
         if offset.denominator != 1 or end.denominator != 1:
             raise ValueError(f"span {self} does not fall on whole rows of a shard of {length}")
         return int(offset), int(end - offset)
+
+    def row_range(self, length: int) -> tuple[int, int]:
+        """[first, stop) rows of this span in a shard of ``length`` rows."""
+        offset, count = self.rows(length)
+        return offset, offset + count
 
     def contains(self, other: "Span") -> bool:
         return self.start <= other.start and other.stop <= self.stop
@@ -243,6 +251,7 @@ class Plan:
     world_size: int
     steps: tuple[Step, ...]
     backward: bool = False  # the gradient pass of the same schedule
+    tokens: "TokenMask | None" = None  # packed documents, window or padding (tokenring.masks); blocks masked TOKENS
     note: str = field(default="", compare=False)  # the builder's word on this instance, e.g. its direction
 
     @property
@@ -268,6 +277,7 @@ class Plan:
         header = (
             f"{self.algorithm} plan, {self.layout.value} layout, {'causal' if self.causal else 'non-causal'}, "
             f"N={self.world_size}{', backward' if self.backward else ''}"
+            f"{', ' + self.tokens.describe() if self.tokens is not None else ''}"
         )
         lines = [header + (f" ({self.note})" if self.note else "")]
         for step in self.steps:
@@ -309,6 +319,8 @@ class Plan:
             "algorithm": self.algorithm, "layout": self.layout.value, "causal": self.causal,
             "world_size": self.world_size, "backward": self.backward, "note": self.note, "steps": steps,
         }
+        if self.tokens is not None:
+            data["tokens"] = self.tokens.describe()
         if shape is not None:
             data["link_bytes"] = [t.to_json() for t in self.link_bytes(shape)]
         return data

@@ -13,11 +13,13 @@ one, is checked in milliseconds.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter, defaultdict
 
 from .interfaces import Mask
 from .layout import rank_chunks
+from .masks import TokenMask, full_sequence_mask
 from .plan import ALL, Block, Payload, Plan, Span, Transfer
 
 FULL = "full"
@@ -34,6 +36,10 @@ class _Atoms:
 
     def __init__(self, plan: Plan) -> None:
         self.n = plan.world_size
+        self.tokens = plan.tokens
+        if self.tokens is not None:  # a masked plan: one atom per row, numbered by global position
+            self.per_rank = self.tokens.rows_per_rank
+            return
         self.chunks = [rank_chunks(plan.layout, r, self.n) for r in range(self.n)]
         per_rank = len(self.chunks[0])
         spans = [b.q_span for s in plan.steps for b in s.blocks] + [b.kv_span for s in plan.steps for b in s.blocks]
@@ -46,6 +52,8 @@ class _Atoms:
         return [self._global(owner, i) for i in range(first, first + count)]
 
     def _global(self, owner: int, local: int) -> int:
+        if self.tokens is not None:
+            return int(self.tokens.positions(owner)[local])
         chunk = self.chunks[owner][local // self.per_chunk]
         return chunk * self.per_chunk + local % self.per_chunk
 
@@ -60,6 +68,11 @@ def block_pairs(plan: Plan, block: Block, atoms: _Atoms | None = None) -> list[P
     kv_atoms = atoms.of(block.kv_owner, block.kv_span)
     if block.mask is Mask.NONE:
         return [(qa, ka, FULL) for qa in q_atoms for ka in kv_atoms]
+    if block.mask is Mask.TOKENS:
+        if plan.tokens is None:
+            raise PlanError(f"block masked from tokens in a plan without a token mask: {block}")
+        allowed = _allowed_atoms(plan)
+        return [(qa, ka, FULL) for qa in q_atoms for ka in kv_atoms if allowed[qa][ka]]
     if (block.q_owner, block.q_span) != (block.kv_owner, block.kv_span):
         raise PlanError(f"causal mask on a block that is not a local diagonal block: {block}")
     # Causal within the block's rows in local order: local row a sees local row b <= a.
@@ -71,10 +84,27 @@ def block_pairs(plan: Plan, block: Block, atoms: _Atoms | None = None) -> list[P
     ]
 
 
+def _allowed_atoms(plan: Plan) -> list[list[bool]]:
+    assert plan.tokens is not None
+    return _allowed_pairs(plan.tokens)
+
+
+@functools.lru_cache(maxsize=8)
+def _allowed_pairs(tokens: TokenMask) -> list[list[bool]]:
+    return full_sequence_mask(tokens.seq_len, tokens.boundaries, tokens.causal, tokens.window).tolist()
+
+
 def required_pairs(plan: Plan, atoms: _Atoms | None = None) -> Counter:
     atoms = atoms or _Atoms(plan)
     total = atoms.total()
     pairs: Counter = Counter()
+    if plan.tokens is not None:
+        allowed = _allowed_atoms(plan)
+        for qa in range(total):
+            for ka in range(total):
+                if allowed[qa][ka]:
+                    pairs[(qa, ka, FULL)] += 1
+        return pairs
     for qa in range(total):
         for ka in range(total):
             if not plan.causal:

@@ -13,6 +13,8 @@ import threading
 
 from .backward import derive_backward
 from .layout import Layout, parse_layout
+from .masked_plans import check_masked_plan, mask_plan
+from .masks import TokenMask
 from .plan import Plan, Schedule
 from .plancheck import PlanError, check_plan
 from .registry import registry
@@ -68,6 +70,31 @@ def build_plan(algorithm: str, layout: "Layout | str", causal: bool, world_size:
     except PlanError as error:
         raise PlanError(f"schedule {schedule.name!r} ({layout.value}, causal={bool(causal)}, N={world_size}"
                         f"{', backward' if backward else ''}) is not exact: {error}") from None
+    return _remember(key, plan)
+
+
+def build_masked_plan(algorithm: str, tokens: "TokenMask", backward: bool = False) -> Plan:
+    """The schedule's plan cut down to ``tokens``' mask (tokenring.masked_plans). Cached by mask; proven by counting."""
+    generation = registry.generation
+    key = (generation, "masked", get_schedule(algorithm).name, tokens, backward)
+    with _plans_lock:
+        plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    if backward:
+        plan = derive_backward(build_masked_plan(algorithm, tokens))
+    else:
+        full = build_plan(algorithm, Layout.CONTIGUOUS, False, tokens.world_size)
+        plan = mask_plan(full, tokens)
+        try:
+            check_masked_plan(plan)
+        except PlanError as error:
+            raise PlanError(f"schedule {algorithm!r} under the mask ({tokens.describe()}) is not exact: "
+                            f"{error}") from None
+    return _remember(key, plan)
+
+
+def _remember(key: tuple, plan: Plan) -> Plan:
     with _plans_lock:
         if len(_plans) > 512:
             _plans.clear()

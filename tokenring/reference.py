@@ -12,12 +12,15 @@ def reference_attention(
     *,
     causal: bool = False,
     softmax_scale: float | None = None,
+    cu_seqlens: "torch.Tensor | list[int] | None" = None,
+    window: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of softmax(q kᵀ · scale) v in float64; inputs (B, S, H, D), GQA allowed.
 
     ``causal`` masks key j for query i when j > i + (Sk - Sq) (bottom-right,
     which is the usual mask when Sq == Sk). A row with no visible key gives
-    out 0 and lse -inf.
+    out 0 and lse -inf. ``cu_seqlens`` and ``window`` mean what they mean for
+    `tokenring.token_ring_attn` (Sq == Sk then).
     """
     q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))  # differentiable, for gradient references
     group = q.shape[2] // k.shape[2]
@@ -31,6 +34,14 @@ def reference_attention(
         i = torch.arange(q_len).unsqueeze(1)
         j = torch.arange(k_len).unsqueeze(0)
         scores = scores.masked_fill(j > i + (k_len - q_len), float("-inf"))
+    if cu_seqlens is not None or window is not None:
+        from .masks import full_sequence_mask
+
+        seq_len = q.shape[1]
+        bounds = (0, seq_len) if cu_seqlens is None else tuple(int(b) for b in (
+            cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens))
+        allowed = full_sequence_mask(seq_len, bounds, False, window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     weights = torch.exp(scores - torch.where(torch.isneginf(lse), 0.0, lse).unsqueeze(-1))
     out = torch.einsum("bhqk,bkhd->bqhd", weights, v64)

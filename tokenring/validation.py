@@ -26,7 +26,8 @@ def _describe(t: Any) -> str:
 
 
 def local_problem(
-    q: Any, k: Any, v: Any, *, causal: Any, softmax_scale: Any, layout: Any, algorithm: Any, backend: Backend
+    q: Any, k: Any, v: Any, *, causal: Any, softmax_scale: Any, layout: Any, algorithm: Any, backend: Backend,
+    documents: bool = False,
 ) -> str | None:
     """What is wrong with this rank's arguments, or None. Never raises."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -75,7 +76,7 @@ def local_problem(
         parse_algorithm(algorithm)
     except ValueError as error:
         return f"argument 'algorithm': {error}"
-    if layout is Layout.ZIGZAG and seq % 2:
+    if layout is Layout.ZIGZAG and seq % 2 and not documents:  # with documents, tokens are placed per document
         return f"argument 'q': the zigzag layout needs an even S_local (two chunks per rank), got S_local = {seq}"
     problem = _capability_problem(q, k, causal, backend)
     if problem is None and full_checks():
@@ -128,3 +129,53 @@ def _capability_problem(q: torch.Tensor, k: torch.Tensor, causal: bool, backend:
     if causal and not caps.causal:
         return f"argument 'causal': backend {backend.name!r} does not support causal attention"
     return None
+
+
+def mask_arguments(
+    cu_seqlens: Any, window: Any, q: torch.Tensor, world_size: int, backend: Backend
+) -> tuple[tuple[int, ...] | None, tuple[int, int] | None, str | None]:
+    """(document boundaries, window, problem) from ``cu_seqlens`` and ``window``. Never raises.
+
+    Reads ``cu_seqlens`` on the host: a CPU tensor or a list costs no device sync.
+    """
+    boundaries = None
+    if cu_seqlens is not None:
+        boundaries, problem = _boundaries(cu_seqlens, q.shape[1] * world_size)
+        if problem is not None:
+            return None, None, f"argument 'cu_seqlens': {problem}"
+        if q.shape[0] != 1:
+            return None, None, f"argument 'q': cu_seqlens needs batch size 1 (documents packed along S), got {q.shape[0]}"
+        if not backend.capabilities.varlen:
+            return None, None, f"argument 'cu_seqlens': backend {backend.name!r} does not support packed documents (varlen)"
+    parsed_window = None
+    if window is not None:
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in window)):
+            return None, None, f"argument 'window': expected (left, right), integers >= -1 (-1: unbounded), got {window!r}"
+        parsed_window = (int(window[0]), int(window[1]))
+        if parsed_window == (-1, -1):
+            parsed_window = None
+        elif not (backend.capabilities.varlen and backend.capabilities.window):
+            return None, None, f"argument 'window': backend {backend.name!r} does not support sliding windows"
+    return boundaries, parsed_window, None
+
+
+def _boundaries(cu_seqlens: Any, seq_len: int) -> tuple[tuple[int, ...] | None, str | None]:
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1:
+            return None, f"expected a 1-D int32 or int64 tensor, got {_describe(cu_seqlens)}"
+        values = cu_seqlens.tolist()
+    elif isinstance(cu_seqlens, (list, tuple)) and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens
+    ):
+        values = list(cu_seqlens)
+    else:
+        return None, f"expected a 1-D int32 or int64 tensor or a list of ints, got {_describe(cu_seqlens)}"
+    if len(values) < 2 or values[0] != 0:
+        return None, f"expected [0, l1, l1+l2, ..., S] starting at 0 with at least one document, got {values[:8]}"
+    if any(b <= a for a, b in zip(values, values[1:])):
+        return None, f"expected strictly increasing boundaries (every document at least one token), got {values[:16]}"
+    if values[-1] > seq_len:
+        return None, (f"the last boundary {values[-1]} is past the sequence's end S = {seq_len} "
+                      "(S_local x world size)")
+    return tuple(values), None

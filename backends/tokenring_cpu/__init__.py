@@ -22,6 +22,8 @@ class CpuBackend(Backend):
         causal=True,
         backward=True,
         max_world_size=None,
+        varlen=True,
+        window=True,
     )
 
     def probe(self) -> Probe:

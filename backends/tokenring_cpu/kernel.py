@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from tokenring.kit import HeadGroups, lse_for_backward, no_gradients, nothing_seen
-from tokenring.interfaces import AttentionKernel, Mask, accumulation_dtype
+from tokenring.interfaces import AttentionKernel, Mask, PositionMask, accumulation_dtype
+from tokenring.masks import dense_allowed
 
 _forward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -29,16 +30,23 @@ def _bottom_right_causal_bias(q_len: int, k_len: int, dtype: torch.dtype) -> tor
 class _Block(HeadGroups):
     """How one block maps onto the operator: head grouping and mask."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, mask: Mask) -> None:
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, mask: "Mask | PositionMask") -> None:
         batch, q_len, q_heads, _ = q.shape
-        causal = Mask(mask) is Mask.CAUSAL
+        from_tokens = isinstance(mask, PositionMask)
+        causal = not from_tokens and Mask(mask) is Mask.CAUSAL
         # Without a mask, the query heads of one group can share one K/V head
         # (folded into the sequence) instead of copying K and V.
-        super().__init__(batch, q_len, q_heads, k.shape[2], k.shape[1], fold=not causal)
+        super().__init__(batch, q_len, q_heads, k.shape[2], k.shape[1], fold=not (causal or from_tokens))
         self.q_len = q_len
         self.is_causal = causal and q_len == self.k_len  # the op's top-left mask is right here
         self.bias = _bottom_right_causal_bias(q_len, self.k_len, q.dtype) if causal and not self.is_causal else None
         self.blind_rows = max(q_len - self.k_len, 0) if causal else 0
+        self.blind: torch.Tensor | None = None  # rows that see no key of this block, when the mask is from tokens
+        if from_tokens:
+            allowed = dense_allowed(mask)
+            self.bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
+            blind = ~allowed.any(dim=1)
+            self.blind = blind if bool(blind.any()) else None
 
 
 class CpuSdpaKernel(AttentionKernel):
@@ -59,6 +67,10 @@ class CpuSdpaKernel(AttentionKernel):
             lse[:, :, : block.blind_rows] = float("-inf")
             out = out.clone()
             out[:, : block.blind_rows] = 0
+        if block.blind is not None:
+            lse[:, :, block.blind] = float("-inf")
+            out = out.clone()
+            out[:, block.blind] = 0
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, *, scale, mask):
@@ -70,4 +82,8 @@ class CpuSdpaKernel(AttentionKernel):
             block.rows_in(out), block.lse_in(lse_for_backward(lse)).contiguous(), 0.0, block.is_causal,
             attn_mask=block.bias, scale=scale,
         )
-        return block.rows_out(dq), block.key_grads_out(dk, k.dtype), block.key_grads_out(dv, v.dtype)
+        dq, dk, dv = block.rows_out(dq), block.key_grads_out(dk, k.dtype), block.key_grads_out(dv, v.dtype)
+        if block.blind is not None:  # the operator's softmax of a row of -inf only is NaN
+            dq = dq.clone()
+            dq[:, block.blind] = 0
+        return dq, dk, dv

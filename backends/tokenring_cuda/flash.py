@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from tokenring.interfaces import AttentionKernel, Mask
+from tokenring.interfaces import AttentionKernel, Mask, PositionMask
 
 from tokenring.kit import lse_for_backward, no_gradients, nothing_seen, unit_stride
 
@@ -163,13 +163,29 @@ class FlashInterface:
 
 
 class FlashKernel(AttentionKernel):
-    """fp16/bf16 blocks through flash-attn; causal is bottom-right, grouped heads native."""
+    """fp16/bf16 blocks through flash-attn; causal is bottom-right, grouped heads native.
 
-    def __init__(self, interface: FlashInterface) -> None:
+    Blocks masked from tokens (packed documents, windows, padding) go to
+    ``masked`` (by default torch's SDPA efficient attention with an explicit
+    mask, `tokenring_cuda.sdpa`): their rows are not one contiguous run of
+    positions per document, which flash-attn's varlen convention needs.
+    """
+
+    def __init__(self, interface: FlashInterface, masked: AttentionKernel | None = None) -> None:
         self.interface = interface
         self._convention = interface.convention
+        self._masked = masked
+
+    def _masked_kernel(self) -> AttentionKernel:
+        if self._masked is None:
+            from .sdpa import SdpaEfficientKernel
+
+            self._masked = SdpaEfficientKernel()
+        return self._masked
 
     def forward(self, q, k, v, *, scale, mask):
+        if isinstance(mask, PositionMask):
+            return self._masked_kernel().forward(q, k, v, scale=scale, mask=mask)
         if q.shape[1] == 0 or k.shape[1] == 0:
             return nothing_seen(q, v)
         causal = Mask(mask) is Mask.CAUSAL
@@ -189,6 +205,8 @@ class FlashKernel(AttentionKernel):
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, *, scale, mask):
+        if isinstance(mask, PositionMask):
+            return self._masked_kernel().backward(dout, q, k, v, out, lse, scale=scale, mask=mask)
         if q.shape[1] == 0 or k.shape[1] == 0:
             return no_gradients(q, k, v)
         causal = Mask(mask) is Mask.CAUSAL

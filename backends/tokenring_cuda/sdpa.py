@@ -18,7 +18,11 @@ contract, this adapter bridges:
 * grouped heads: it wants equal head counts. Without a mask the query heads
   of a group are folded into the sequence dimension so that K and V are not
   copied; with a mask K and V are repeated per query head and dk/dv summed
-  back over each group in float32.
+  back over each group in float32;
+* masks from tokens (packed documents, windows, padding: a `PositionMask`)
+  go in as an explicit additive bias; rows that see no key of the block
+  are set to out 0, lse -inf (and dq 0) after the operator, which leaves
+  such rows undefined.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Callable
 
 import torch
 
-from tokenring.interfaces import AttentionKernel, Mask, accumulation_dtype
+from tokenring.interfaces import AttentionKernel, Mask, PositionMask, accumulation_dtype
+from tokenring.masks import dense_allowed
 
 from tokenring.kit import HeadGroups, lse_for_backward, no_gradients, nothing_seen
 
@@ -52,22 +57,42 @@ def bottom_right_bias(q_len: int, k_len: int, dtype: torch.dtype, device: torch.
 class _Block(HeadGroups):
     """How one block maps onto the operator: which rows run, head grouping, mask."""
 
-    def __init__(self, q: torch.Tensor, k: torch.Tensor, mask: Mask) -> None:
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, mask: "Mask | PositionMask") -> None:
         batch, q_len, q_heads, _ = q.shape
         k_len = k.shape[1]
-        causal = Mask(mask) is Mask.CAUSAL
+        self.tokens = mask if isinstance(mask, PositionMask) else None
+        causal = self.tokens is None and Mask(mask) is Mask.CAUSAL
         # Bottom-right alignment: the first Sq - Sk rows see no key at all.
         self.first_row = max(q_len - k_len, 0) if causal else 0
-        super().__init__(batch, q_len - self.first_row, q_heads, k.shape[2], k_len, fold=not causal)
+        super().__init__(batch, q_len - self.first_row, q_heads, k.shape[2], k_len,
+                         fold=not causal and self.tokens is None)
         self.q_len = q_len
         self.is_causal = causal and self.rows == k_len  # square: top-left is bottom-right
-        self.needs_bias = causal and self.rows < k_len
+        self.needs_bias = (causal and self.rows < k_len) or self.tokens is not None
+        self.blind: torch.Tensor | None = None  # rows that see no key of this block (token masks)
+        if self.tokens is not None:
+            self.allowed = dense_allowed(self.tokens)
+            blind = ~self.allowed.any(dim=1)
+            self.blind = blind if bool(blind.any()) else None
 
     def bias(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         if not self.needs_bias:
             return None
-        mask = bottom_right_bias(self.rows, self.k_len, dtype, device)
+        if self.tokens is not None:
+            storage = torch.zeros(self.rows, _round_up(self.k_len, BIAS_ALIGNMENT), dtype=dtype, device=device)
+            mask = storage[:, : self.k_len].masked_fill_(~self.allowed.to(device), float("-inf"))
+        else:
+            mask = bottom_right_bias(self.rows, self.k_len, dtype, device)
         return mask.expand(self.batch, self.op_heads, self.rows, self.k_len)
+
+    def clear_blind_rows(self, x: torch.Tensor, fill: float, seq_dim: int) -> torch.Tensor:
+        if self.blind is None:
+            return x
+        x = x.clone()
+        index = [slice(None)] * x.dim()
+        index[seq_dim] = self.blind.to(x.device)
+        x[tuple(index)] = fill
+        return x
 
     def rows_in(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Sq, Hq, D) -> the operator's (B, H, S, D) view of the rows that run."""
@@ -119,7 +144,7 @@ class SdpaEfficientKernel(AttentionKernel):
         )
         out = block.all_rows(block.rows_out(out), 0.0, seq_dim=1)
         lse = block.all_rows(block.lse_out(lse).to(accumulation_dtype(q.dtype)), -math.inf, seq_dim=2)
-        return out, lse
+        return block.clear_blind_rows(out, 0.0, 1), block.clear_blind_rows(lse, -math.inf, 2)
 
     def backward(self, dout, q, k, v, out, lse, *, scale, mask):
         block = _Block(q, k, mask)
@@ -130,5 +155,5 @@ class SdpaEfficientKernel(AttentionKernel):
             block.bias(q.dtype, q.device), block.rows_in(out), block.lse_in(lse),
             _no_rng_state(), _no_rng_state(), 0.0, [True, True, True, False], block.is_causal, scale=scale,
         )
-        dq = block.all_rows(block.rows_out(dq), 0.0, seq_dim=1)
+        dq = block.clear_blind_rows(block.all_rows(block.rows_out(dq), 0.0, seq_dim=1), 0.0, 1)
         return dq, block.key_grads_out(dk, k.dtype), block.key_grads_out(dv, v.dtype)

@@ -40,6 +40,8 @@ FLASH_CAPABILITIES = Capabilities(
     causal=True,
     backward=True,
     max_world_size=None,
+    varlen=True,  # token-masked blocks run through SDPA with an explicit mask
+    window=True,
 )
 
 SDPA_CAPABILITIES = Capabilities(
@@ -49,6 +51,8 @@ SDPA_CAPABILITIES = Capabilities(
     causal=True,
     backward=True,
     max_world_size=None,
+    varlen=True,  # token-masked blocks run through SDPA with an explicit mask
+    window=True,
 )
 
 SDPA_NAME = "torch SDPA efficient attention (aten._scaled_dot_product_efficient_attention)"

@@ -8,23 +8,20 @@ from __future__ import annotations
 
 from ..interfaces import LinkTraffic, accumulation_dtype
 from ..tools.launch import LocalWorld
-from ..layout import unshard
 from ..plan import sum_by_link
-from ..plans import build_plan
 from ..tools.problems import GRAD_TOLERANCE, TOLERANCE, Problem, relative_error
 from ..tools.tasks import from_bytes
 
 
-def _gathered(results: list[dict], name: str, layout: str, dim: int = 1):
-    return unshard([from_bytes(r[name]).cpu() for r in results], layout=layout, dim=dim)
+def _gathered(results: list[dict], name: str, problem: Problem, dim: int = 1):
+    return problem.unshard([from_bytes(r[name]).cpu() for r in results], dim=dim)
 
 
 def check_attention(world: LocalWorld, problem: Problem, memory: str = "contiguous") -> list[dict]:
     """Run one forward on every rank of ``world``; assert out and lse match float64 and traffic its plan."""
     world_size = world.world_size
     results = world.run_ok("tokenring.tools.tasks.attention", problem, memory)
-    layout = problem.resolved_layout
-    out, lse = _gathered(results, "out", layout), _gathered(results, "lse", layout, dim=2)
+    out, lse = _gathered(results, "out", problem), _gathered(results, "lse", problem, dim=2)
     want_out, want_lse = problem.reference()
     tolerance = TOLERANCE[problem.torch_dtype]
     err_out, err_lse = relative_error(out, want_out), relative_error(lse, want_lse)
@@ -49,8 +46,7 @@ def check_gradients(world: LocalWorld, problem: Problem, memory: str = "contiguo
     """Run forward and backward on every rank; assert out, dq, dk, dv match float64 autograd and traffic its plans."""
     world_size = world.world_size
     results = world.run_ok("tokenring.tools.tasks.attention_with_grads", problem, memory)
-    layout = problem.resolved_layout
-    got = {name: _gathered(results, name, layout) for name in ("out", "dq", "dk", "dv")}
+    got = {name: _gathered(results, name, problem) for name in ("out", "dq", "dk", "dv")}
     want_out, _ = problem.reference()
     want = dict(zip(("dq", "dk", "dv"), problem.reference_grads()), out=want_out)
     tolerance = GRAD_TOLERANCE[problem.torch_dtype]
@@ -60,7 +56,7 @@ def check_gradients(world: LocalWorld, problem: Problem, memory: str = "contiguo
         assert tensor.dtype == problem.torch_dtype, f"{name} came back as {tensor.dtype}"
     forward = sum_by_link(LinkTraffic(**m) for r in results for m in r["sent"])
     backward = sum_by_link(LinkTraffic(**m) for r in results for m in r["backward_sent"])
-    backward_plan = build_plan(problem.algorithm, layout, problem.causal, world_size, backward=True)
+    backward_plan = problem.plan(world_size, backward=True)
     assert forward == problem.planned_link_bytes(world_size), "bytes sent differ from the forward plan"
     assert backward == backward_plan.link_bytes(problem.shape(world_size)), "bytes sent differ from the backward plan"
     return results

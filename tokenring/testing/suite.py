@@ -37,6 +37,7 @@ from ..plan import sum_by_link
 from ..plans import schedule_names
 from ..reference import reference_attention
 from .checks import assert_all_ranks_fail, check_attention, check_gradients
+from ..tools.problems import fitting_seq_local
 from .problems import DTYPES, GRAD_TOLERANCE, TOLERANCE, Problem, relative_error
 
 __all__ = ["TestKernelContract", "TestCommContract", "TestEndToEnd", "TestBadInput"]
@@ -456,6 +457,40 @@ class TestEndToEnd:
             check_attention(world, problem)
 
 
+    @ALGORITHMS
+    def test_packed_documents_and_padding_match_float64(self, tokenring_worlds, tokenring_backend, tokenring_seed,
+                                                        world_size, algorithm):
+        """cu_seqlens with lengths that divide by nothing, a document longer than a shard, and padding."""
+        require(tokenring_backend, "varlen")
+        causal = tokenring_backend.capabilities.causal
+        pieces = fitting_seq_local(8, algorithm, False, world_size)  # masked plans cut the full plan's pieces
+        seq_len = pieces * world_size
+        boundaries = tuple(sorted({0, 1, 3, seq_len // 2 + 1, seq_len - 2}))
+        world = tokenring_worlds.get(world_size)
+        problem = _problem(tokenring_worlds.backend_name, tokenring_backend, tokenring_seed, world_size,
+                           batch=1, seq_len=seq_len, causal=causal, algorithm=algorithm,
+                           cu_seqlens=boundaries + (seq_len - 1,))
+        if tokenring_backend.capabilities.backward:
+            check_gradients(world, problem)
+        else:
+            check_attention(world, problem)
+
+    @ALGORITHMS
+    def test_sliding_window_matches_float64(self, tokenring_worlds, tokenring_backend, tokenring_seed, world_size,
+                                            algorithm):
+        require(tokenring_backend, "varlen")
+        require(tokenring_backend, "window")
+        causal = tokenring_backend.capabilities.causal
+        seq_len = fitting_seq_local(8, algorithm, False, world_size) * world_size
+        world = tokenring_worlds.get(world_size)
+        problem = _problem(tokenring_worlds.backend_name, tokenring_backend, tokenring_seed, world_size,
+                           seq_len=seq_len, causal=causal, algorithm=algorithm, window=(5, -1 if causal else 2))
+        if tokenring_backend.capabilities.backward:
+            check_gradients(world, problem)
+        else:
+            check_attention(world, problem)
+
+
 # -- bad input -----------------------------------------------------------------------
 
 BAD_INPUT_WORLD_SIZE = 2
@@ -489,6 +524,13 @@ class TestBadInput:
         if culprit is not None and culprit >= len(results):
             pytest.skip("the culprit rank is beyond this backend's world size")
         assert_all_ranks_fail(results, *fragments, culprit=culprit)
+
+    def test_packed_documents_are_refused_where_not_declared(self, tokenring_worlds, tokenring_backend, tokenring_seed):
+        if tokenring_backend.capabilities.varlen:
+            pytest.skip(f"backend {tokenring_backend.name!r} declares varlen")
+        changes = {"all": {"cu_seqlens": [0, 3, 8 * BAD_INPUT_WORLD_SIZE]}}
+        results = self._call(tokenring_worlds, tokenring_backend, tokenring_seed, changes)
+        assert_all_ranks_fail(results, "argument 'cu_seqlens'", "varlen")
 
     def test_an_undeclared_dtype_is_refused_naming_the_capability(self, tokenring_worlds, tokenring_backend, tokenring_seed):
         undeclared = [d for d in DTYPES.values() if d not in tokenring_backend.capabilities.dtypes]

@@ -55,6 +55,15 @@ class Problem:
     algorithm: str = "tokenring"
     softmax_scale: float | None = None
     backend: str | None = None  # None: chosen from the tensors' device (the CPU)
+    cu_seqlens: tuple[int, ...] | None = None  # packed documents (batch 1); see token_ring_attn
+    window: tuple[int, int] | None = None      # sliding window (left, right), -1 unbounded
+
+    def __post_init__(self) -> None:
+        # JSON brings these back as lists; plans are cached by them, so keep them hashable.
+        if self.cu_seqlens is not None:
+            object.__setattr__(self, "cu_seqlens", tuple(int(b) for b in self.cu_seqlens))
+        if self.window is not None:
+            object.__setattr__(self, "window", tuple(int(w) for w in self.window))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -72,7 +81,39 @@ class Problem:
             "backend": self.backend,
             "layout": self.layout,
             "algorithm": self.algorithm,
+            **self.mask_kwargs(),
         }
+
+    def mask_kwargs(self) -> dict:
+        """cu_seqlens and window, only when set (callers that predate them keep working)."""
+        extra: dict = {}
+        if self.cu_seqlens is not None:
+            extra["cu_seqlens"] = torch.tensor(self.cu_seqlens, dtype=torch.int32)
+        if self.window is not None:
+            extra["window"] = self.window
+        return extra
+
+    def shard(self, x: torch.Tensor, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
+        from ..layout import shard
+
+        return shard(x, rank, world_size, layout=self.resolved_layout, dim=dim, cu_seqlens=self.cu_seqlens)
+
+    def unshard(self, parts, dim: int = 1) -> torch.Tensor:
+        from ..layout import unshard
+
+        return unshard(parts, layout=self.resolved_layout, dim=dim, cu_seqlens=self.cu_seqlens)
+
+    def plan(self, world_size: int, backward: bool = False):
+        """The plan token_ring_attn runs for this problem on ``world_size`` ranks."""
+        if self.cu_seqlens is None and self.window is None:
+            return build_plan(self.algorithm, self.resolved_layout, self.causal, world_size, backward=backward)
+        from ..masks import token_mask_for_call
+        from ..plans import build_masked_plan
+
+        window = None if self.window in (None, (-1, -1)) else tuple(self.window)
+        tokens = token_mask_for_call(self.seq_len, world_size, self.resolved_layout, self.causal, window,
+                                     self.cu_seqlens)
+        return build_masked_plan(self.algorithm, tokens, backward=backward)
 
     def device(self, rank: int) -> torch.device:
         """Where rank ``rank`` keeps its tensors: its backend's device."""
@@ -111,12 +152,12 @@ class Problem:
         )
 
     def planned_link_bytes(self, world_size: int) -> list[LinkTraffic]:
-        plan = build_plan(self.algorithm, self.resolved_layout, self.causal, world_size)
-        return plan.link_bytes(self.shape(world_size))
+        return self.plan(world_size).link_bytes(self.shape(world_size))
 
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = self.inputs()
-        return reference_attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale)
+        return reference_attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale,
+                                   cu_seqlens=self.cu_seqlens, window=self.window)
 
     def grad_output(self) -> torch.Tensor:
         """A fresh random gradient of the full-sequence output, in the dtype."""
@@ -127,7 +168,8 @@ class Problem:
     def reference_grads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dq, dk, dv) of the full sequence in float64 by autograd, for `grad_output`."""
         q, k, v = (t.to(torch.float64).requires_grad_() for t in self.inputs())
-        out, _ = reference_attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale)
+        out, _ = reference_attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale,
+                                     cu_seqlens=self.cu_seqlens, window=self.window)
         return torch.autograd.grad(out, (q, k, v), self.grad_output().to(torch.float64))
 
 

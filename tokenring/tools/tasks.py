@@ -78,13 +78,13 @@ def _as_view(t: torch.Tensor, memory: str) -> torch.Tensor:
 def rank_inputs(problem: Problem, rank: int, world_size: int, memory: str = "contiguous"):
     device = problem.device(rank)
     return [
-        _as_view(tokenring.shard(t, rank, world_size, layout=problem.resolved_layout).to(device), memory)
+        _as_view(problem.shard(t, rank, world_size).to(device), memory)
         for t in problem.inputs()
     ]
 
 
 def rank_grad_output(problem: Problem, rank: int, world_size: int) -> torch.Tensor:
-    dout = tokenring.shard(problem.grad_output(), rank, world_size, layout=problem.resolved_layout)
+    dout = problem.shard(problem.grad_output(), rank, world_size)
     return dout.to(problem.device(rank))
 
 

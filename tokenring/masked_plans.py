@@ -1,0 +1,165 @@
+"""Any schedule's plan, cut down to a call's token mask (packed documents, window, padding).
+
+Not a schedule: every schedule gets masks the same way. `mask_plan` takes the
+schedule's plan for full attention (every query meets every key) and a
+`TokenMask`, then
+
+1. drops each block whose rectangle holds no visible (query, key) pair, and
+   shrinks the others to the rows that see something and the keys seen; a
+   block stays unmasked (`Mask.NONE`) when all of what remains is visible,
+   else it is masked from the tokens (`Mask.TOKENS`);
+2. gives the blocks whose results leave in one message one common span of
+   rows (the executor merges them before sending), and sends only that;
+3. sends each travelling query or key/value span only as far, and only as
+   much of it, as some later block or forward needs (a backward liveness
+   pass), dropping steps left with nothing.
+
+The backward is derived from the masked forward as from any plan. Because
+the full plan is proven and masking only removes pairs nobody may see,
+`check_masked_plan` re-proves the result by counting: each owner pair's
+visible pairs equal the sum over its (disjoint) blocks. `tokenring.plancheck`
+proves small masked plans pair by pair in the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .interfaces import Mask
+from .masks import TokenMask, visibility
+from .plan import Block, Payload, Plan, Span, Step, Transfer
+from .plancheck import PlanError
+
+_TRAVELLING = (Payload.QUERY, Payload.KEY_VALUE)
+
+
+def _span(rows: tuple[int, int], length: int) -> Span:
+    return Span.chunks(rows[0], rows[1], length)
+
+
+def _masked_block(block: Block, tokens: TokenMask) -> Block | None:
+    length = tokens.rows_per_rank
+    seen = visibility(tokens, block.q_owner, block.q_span.row_range(length), block.kv_owner,
+                      block.kv_span.row_range(length))
+    if seen.empty:
+        return None
+    return _with_rows(block, tokens, seen.q_rows, seen.kv_rows)
+
+
+def _with_rows(block: Block, tokens: TokenMask, q_rows: tuple[int, int], kv_rows: tuple[int, int]) -> Block:
+    seen = visibility(tokens, block.q_owner, q_rows, block.kv_owner, kv_rows)
+    length = tokens.rows_per_rank
+    mask = Mask.NONE if seen.full else Mask.TOKENS
+    return dataclasses.replace(block, q_span=_span(q_rows, length), kv_span=_span(kv_rows, length), mask=mask)
+
+
+def mask_plan(plan: Plan, tokens: TokenMask) -> Plan:
+    """``plan`` (a forward plan of full attention) restricted to what ``tokens`` lets queries see."""
+    if plan.backward or plan.causal or plan.tokens is not None:
+        raise ValueError(f"mask_plan takes a forward plan of full attention, got {plan.describe()[:80]}")
+    if tokens.world_size != plan.world_size:
+        raise ValueError(f"token mask for {tokens.world_size} ranks, plan for {plan.world_size}")
+    length = tokens.rows_per_rank
+    if length % plan.granularity:
+        raise ValueError(f"{length} rows per rank do not split into the plan's {plan.granularity} pieces")
+
+    # 1. blocks
+    blocks_per_step = [[_masked_block(b, tokens) for b in step.blocks] for step in plan.steps]
+
+    # 2. results that leave together share one span
+    pending: dict[tuple[int, int, Span], list[tuple[int, int]]] = {}
+    result_spans: dict[tuple[int, int], Span | None] = {}  # (step, transfer index) -> span, None: drop
+    for index, step in enumerate(plan.steps):
+        for t_index, t in enumerate(step.transfers):
+            if t.payload is Payload.PARTIAL:
+                members = pending.pop((t.src, t.owner, t.span), [])
+                live = [(s, i) for s, i in members if blocks_per_step[s][i] is not None]
+                if not live:
+                    result_spans[(index, t_index)] = None
+                    continue
+                first = min(blocks_per_step[s][i].q_span.start for s, i in live)
+                stop = max(blocks_per_step[s][i].q_span.stop for s, i in live)
+                common = Span(first, stop)
+                for s, i in live:
+                    b = blocks_per_step[s][i]
+                    blocks_per_step[s][i] = _with_rows(b, tokens, common.row_range(length), b.kv_span.row_range(length))
+                result_spans[(index, t_index)] = common
+        for i, original in enumerate(step.blocks):
+            if original.rank != original.q_owner:
+                pending.setdefault((original.rank, original.q_owner, original.q_span), []).append((index, i))
+
+    # 3. travelling inputs: only what is still needed, from the last step backwards
+    need: dict[tuple[int, Payload, int], Span] = {}
+
+    def needs(rank: int, payload: Payload, owner: int, span: Span) -> None:
+        key = (rank, payload, owner)
+        need[key] = span.hull(need.get(key))
+
+    kept_transfers: list[list[Transfer]] = [[] for _ in plan.steps]
+    for index in range(len(plan.steps) - 1, -1, -1):
+        step = plan.steps[index]
+        for t_index, t in enumerate(step.transfers):
+            if t.payload is Payload.PARTIAL:
+                span = result_spans[(index, t_index)]
+                if span is not None:
+                    kept_transfers[index].append(dataclasses.replace(t, span=span))
+            elif t.payload in _TRAVELLING:
+                wanted = need.get((t.dst, t.payload, t.owner))
+                span = t.span.intersection(wanted) if wanted is not None else None
+                if span is not None:
+                    kept_transfers[index].append(dataclasses.replace(t, span=span))
+                    needs(t.src, t.payload, t.owner, span)
+            else:
+                raise ValueError(f"mask_plan: unexpected {t.payload.value} transfer in a forward plan")
+        for b in blocks_per_step[index]:
+            if b is not None:
+                needs(b.rank, Payload.QUERY, b.q_owner, b.q_span)
+                needs(b.rank, Payload.KEY_VALUE, b.kv_owner, b.kv_span)
+
+    steps = []
+    for index, step in enumerate(plan.steps):
+        blocks = tuple(b for b in blocks_per_step[index] if b is not None)
+        transfers = tuple(kept_transfers[index])
+        if blocks or transfers:
+            steps.append(Step(len(steps), blocks, transfers))
+    return dataclasses.replace(plan, steps=tuple(steps), causal=tokens.causal, tokens=tokens)
+
+
+def check_masked_plan(plan: Plan) -> None:
+    """Prove by counting that a masked plan computes each visible pair exactly once.
+
+    Per (query owner, key owner): the blocks' rectangles are disjoint and
+    their visible pairs add up to all the pairs the mask lets through.
+    Results reaching their owners is proven for the full plan this one came
+    from; `tokenring.plancheck.check_plan` proves both pair by pair on small
+    sizes.
+    """
+    tokens = plan.tokens
+    if tokens is None:
+        raise ValueError("check_masked_plan needs a masked plan")
+    length = tokens.rows_per_rank
+    rectangles: dict[tuple[int, int], list[tuple[tuple[int, int], tuple[int, int]]]] = {}
+    counted: dict[tuple[int, int], int] = {}
+    for step in plan.steps:
+        for b in step.blocks:
+            q_rows, kv_rows = b.q_span.row_range(length), b.kv_span.row_range(length)
+            key = (b.q_owner, b.kv_owner)
+            seen = visibility(tokens, b.q_owner, q_rows, b.kv_owner, kv_rows)
+            if b.mask is Mask.NONE and not seen.full:
+                raise PlanError(f"step {step.index}: unmasked block hides masked pairs: {b}")
+            for other_q, other_kv in rectangles.get(key, ()):
+                if _overlap(q_rows, other_q) and _overlap(kv_rows, other_kv):
+                    raise PlanError(f"step {step.index}: block {b} overlaps another block of the same owners")
+            rectangles.setdefault(key, []).append((q_rows, kv_rows))
+            counted[key] = counted.get(key, 0) + seen.entries
+    for q_owner in range(tokens.world_size):
+        for kv_owner in range(tokens.world_size):
+            required = visibility(tokens, q_owner, (0, length), kv_owner, (0, length)).entries
+            got = counted.get((q_owner, kv_owner), 0)
+            if got != required:
+                raise PlanError(f"queries of rank {q_owner} x keys of rank {kv_owner}: the plan computes "
+                                f"{got} visible pairs, the mask has {required}")
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]

@@ -1,0 +1,266 @@
+"""The mask of one call over global token positions: packed documents, a window, causal, padding.
+
+A `TokenMask` is plan data (hashable, no tensors): which global tokens each
+rank holds (sorted runs of positions), where the documents of the packed
+sequence start and end, and whether attention is causal and windowed. Query
+token i of document [a, b) sees key j when
+
+    a <= j < b,   j <= i (causal),   i - left <= j <= i + right (window, -1 unbounded)
+
+so every row's visible keys are one interval of global positions,
+[low(i), high(i)]. Tokens from the last boundary to the end of the sequence
+are padding: they see no key and no query sees them.
+
+Because each shard's rows are in increasing global position, the keys a row
+sees inside any span of a shard are one run of that span's rows too, found by
+binary search. That makes every question a plan asks about a block (empty?
+fully visible? which rows at all?) cost O(rows · log rows), never rows².
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from .interfaces import PositionMask
+
+Runs = tuple[tuple[int, int], ...]  # sorted, disjoint [start, stop) runs of global positions
+
+
+@dataclass(frozen=True)
+class TokenMask:
+    seq_len: int
+    runs: tuple[Runs, ...]        # runs[r]: the global positions rank r holds, in local row order
+    boundaries: tuple[int, ...]   # [0, l1, l1+l2, ..., end]; tokens from end to seq_len are padding
+    causal: bool
+    window: tuple[int, int] | None = None  # (left, right), -1 unbounded on that side
+
+    @property
+    def world_size(self) -> int:
+        return len(self.runs)
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.seq_len // self.world_size
+
+    def describe(self) -> str:
+        documents = len(self.boundaries) - 1
+        padding = self.seq_len - self.boundaries[-1]
+        parts = [f"{documents} document{'s' if documents != 1 else ''}"]
+        if padding:
+            parts.append(f"{padding} padding tokens")
+        if self.causal:
+            parts.append("causal")
+        if self.window is not None:
+            parts.append(f"window {self.window}")
+        return ", ".join(parts)
+
+    def positions(self, rank: int) -> torch.Tensor:
+        return _positions(self, rank)
+
+    def documents(self, rank: int) -> torch.Tensor:
+        """Document index of each of ``rank``'s rows; -1 for padding."""
+        return _documents(self, rank)
+
+    def limits(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low, high): the global positions each of ``rank``'s query rows may see, inclusive."""
+        return _limits(self, rank)
+
+    def visible_counts(self, q_owner: int, q_rows: tuple[int, int], kv_owner: int,
+                       kv_rows: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each query row of the rectangle: (first visible key row, how many), keys local to the span."""
+        low, high = self.limits(q_owner)
+        low, high = low[q_rows[0]:q_rows[1]], high[q_rows[0]:q_rows[1]]
+        keys = self.positions(kv_owner)[kv_rows[0]:kv_rows[1]]
+        first = torch.searchsorted(keys, low, right=False)
+        stop = torch.searchsorted(keys, high, right=True)
+        return first, (stop - first).clamp(min=0)
+
+    def position_mask(self, q_owner: int, q_rows: tuple[int, int], kv_owner: int, kv_rows: tuple[int, int],
+                      device: torch.device) -> PositionMask:
+        """What a kernel needs to mask one block: the rows' global positions and documents."""
+        def on_device(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device)
+
+        return PositionMask(
+            q_positions=on_device(self.positions(q_owner)[q_rows[0]:q_rows[1]]),
+            k_positions=on_device(self.positions(kv_owner)[kv_rows[0]:kv_rows[1]]),
+            q_documents=on_device(self.documents(q_owner)[q_rows[0]:q_rows[1]]),
+            k_documents=on_device(self.documents(kv_owner)[kv_rows[0]:kv_rows[1]]),
+            causal=self.causal,
+            window=self.window,
+        )
+
+
+@dataclass(frozen=True)
+class BlockVisibility:
+    """What the mask leaves of one rectangle of a block: nothing, all of it, or some rows of each side."""
+
+    empty: bool
+    full: bool
+    q_rows: tuple[int, int]   # the hull of query rows that see something (local to the shard)
+    kv_rows: tuple[int, int]  # the hull of key rows seen by some row
+    entries: int              # visible (query, key) pairs
+
+
+def visibility(mask: TokenMask, q_owner: int, q_rows: tuple[int, int], kv_owner: int,
+               kv_rows: tuple[int, int]) -> BlockVisibility:
+    first, count = mask.visible_counts(q_owner, q_rows, kv_owner, kv_rows)
+    entries = int(count.sum())
+    if entries == 0:
+        return BlockVisibility(True, False, q_rows, kv_rows, 0)
+    width = kv_rows[1] - kv_rows[0]
+    seeing = torch.nonzero(count > 0).flatten()
+    q_hull = (q_rows[0] + int(seeing[0]), q_rows[0] + int(seeing[-1]) + 1)
+    kv_first = int(first[seeing].min())
+    kv_stop = int((first[seeing] + count[seeing]).max())
+    full = entries == (q_rows[1] - q_rows[0]) * width
+    return BlockVisibility(False, full, q_hull, (kv_rows[0] + kv_first, kv_rows[0] + kv_stop), entries)
+
+
+def rows_to_span_bounds(rows: tuple[int, int], length: int) -> tuple[Fraction, Fraction]:
+    return Fraction(rows[0], length), Fraction(rows[1], length)
+
+
+# -- per-rank tables, computed once per mask (the mask is hashable plan data) --
+
+@functools.lru_cache(maxsize=256)
+def _positions_table(mask: TokenMask) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in runs]) if runs
+                 else torch.zeros(0, dtype=torch.int64) for runs in mask.runs)
+
+
+def _positions(mask: TokenMask, rank: int) -> torch.Tensor:
+    return _positions_table(mask)[rank]
+
+
+@functools.lru_cache(maxsize=256)
+def _documents_table(mask: TokenMask) -> tuple[torch.Tensor, ...]:
+    bounds = torch.tensor(mask.boundaries, dtype=torch.int64)
+    tables = []
+    for rank in range(mask.world_size):
+        positions = _positions(mask, rank)
+        document = torch.searchsorted(bounds, positions, right=True) - 1
+        document[positions >= mask.boundaries[-1]] = -1
+        tables.append(document)
+    return tuple(tables)
+
+
+def _documents(mask: TokenMask, rank: int) -> torch.Tensor:
+    return _documents_table(mask)[rank]
+
+
+@functools.lru_cache(maxsize=256)
+def _limits_table(mask: TokenMask) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    bounds = torch.tensor(mask.boundaries, dtype=torch.int64)
+    tables = []
+    for rank in range(mask.world_size):
+        positions = _positions(mask, rank)
+        document = _documents(mask, rank)
+        padding = document < 0
+        safe = document.clamp(min=0)
+        low = bounds[safe].clone()
+        high = bounds[safe + 1] - 1
+        if mask.causal:
+            high = torch.minimum(high, positions)
+        if mask.window is not None:
+            left, right = mask.window
+            if left >= 0:
+                low = torch.maximum(low, positions - left)
+            if right >= 0:
+                high = torch.minimum(high, positions + right)
+        # A padding row sees nothing: an empty interval.
+        low[padding] = 1
+        high[padding] = 0
+        tables.append((low, high))
+    return tuple(tables)
+
+
+def _limits(mask: TokenMask, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _limits_table(mask)[rank]
+
+
+def dense_allowed(mask: PositionMask) -> torch.Tensor:
+    """(Sq, Sk) boolean: which key each query row of a block sees. For kernels that take explicit masks."""
+    qp, kp = mask.q_positions.unsqueeze(1), mask.k_positions.unsqueeze(0)
+    allowed = (mask.q_documents.unsqueeze(1) == mask.k_documents.unsqueeze(0)) & (mask.q_documents.unsqueeze(1) >= 0)
+    if mask.causal:
+        allowed &= kp <= qp
+    if mask.window is not None:
+        left, right = mask.window
+        if left >= 0:
+            allowed &= kp >= qp - left
+        if right >= 0:
+            allowed &= kp <= qp + right
+    return allowed
+
+
+def full_sequence_mask(seq_len: int, boundaries: tuple[int, ...], causal: bool,
+                       window: tuple[int, int] | None) -> torch.Tensor:
+    """(S, S) boolean mask of plain attention over the whole sequence: the reference's."""
+    positions = torch.arange(seq_len, dtype=torch.int64)
+    bounds = torch.tensor(boundaries, dtype=torch.int64)
+    documents = torch.searchsorted(bounds, positions, right=True) - 1
+    documents[positions >= boundaries[-1]] = -1
+    return dense_allowed(PositionMask(positions, positions, documents, documents, causal, window))
+
+
+def contiguous_runs(seq_len: int, world_size: int) -> tuple[Runs, ...]:
+    length = seq_len // world_size
+    return tuple(((r * length, (r + 1) * length),) for r in range(world_size))
+
+
+def zigzag_runs(seq_len: int, world_size: int) -> tuple[Runs, ...]:
+    chunk = seq_len // (2 * world_size)
+    return tuple(((r * chunk, (r + 1) * chunk), ((2 * world_size - 1 - r) * chunk, (2 * world_size - r) * chunk))
+                 for r in range(world_size))
+
+
+@functools.lru_cache(maxsize=4096)  # the same blocks come back on every call with the same mask
+def cached_position_mask(mask: TokenMask, q_owner: int, q_rows: tuple[int, int], kv_owner: int,
+                         kv_rows: tuple[int, int], device: torch.device) -> PositionMask:
+    return mask.position_mask(q_owner, q_rows, kv_owner, kv_rows, device)
+
+
+@functools.lru_cache(maxsize=64)
+def layout_runs(seq_len: int, world_size: int, layout: str, boundaries: tuple[int, ...] | None) -> tuple[Runs, ...]:
+    """Which global tokens each rank holds under ``layout``, given the documents.
+
+    With documents (or padding) and the zigzag layout the tokens are placed per
+    document (`tokenring.documents`), so that causal work stays balanced
+    whatever the lengths; otherwise the layout's usual chunks. Depends on
+    nothing else, so `shard` and the call agree.
+    """
+    if layout == "zigzag" and boundaries is not None:
+        from .documents import balanced_assignment
+
+        # Trailing padding is placed like one more document, so every rank gets its share of it.
+        placed = boundaries if boundaries[-1] == seq_len else boundaries + (seq_len,)
+        assignment = balanced_assignment(placed, world_size, causal=True)
+        return tuple(tuple((int(a), int(b)) for a, b in rank_runs) for rank_runs in assignment.runs)
+    if layout == "zigzag":
+        return zigzag_runs(seq_len, world_size)
+    return contiguous_runs(seq_len, world_size)
+
+
+@functools.lru_cache(maxsize=64)
+def token_mask_for_call(seq_len: int, world_size: int, layout: str, causal: bool,
+                        window: tuple[int, int] | None, boundaries: tuple[int, ...] | None) -> TokenMask:
+    """The `TokenMask` of a call: which tokens each rank holds under ``layout``, and what they may see."""
+    runs = layout_runs(seq_len, world_size, layout, boundaries)
+    return TokenMask(seq_len, runs, boundaries if boundaries is not None else (0, seq_len), causal, window)
+
+
+def mask_fingerprint(boundaries: tuple[int, ...] | None, window: tuple[int, int] | None) -> str:
+    """A short, readable summary every rank must share: documents (count, end, digest) and window."""
+    parts = []
+    if boundaries is not None:
+        digest = hashlib.sha1(",".join(map(str, boundaries)).encode()).hexdigest()[:12]
+        parts.append(f"{len(boundaries) - 1} documents ending at {boundaries[-1]} (boundaries sha1 {digest})")
+    if window is not None:
+        parts.append(f"window {list(window)}")
+    return "; ".join(parts)
