@@ -59,7 +59,8 @@ def test_gradients_of_inputs_that_are_not_contiguous(worlds, seed, memory, causa
 @ALGORITHMS
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gradcheck_in_float64(worlds, seed, world_size, algorithm, causal):
-    problem = Problem(seed, batch=1, seq_len=4 * world_size, q_heads=2, kv_heads=1, head_dim=4, dtype="float64",
+    seq_len = fitting_seq_local(4, algorithm, causal, world_size) * world_size
+    problem = Problem(seed, batch=1, seq_len=seq_len, q_heads=2, kv_heads=1, head_dim=4, dtype="float64",
                       causal=causal, algorithm=algorithm)
     assert worlds.get(world_size).run_ok("tokenring.testing.tasks.gradcheck", problem, timeout_s=240) == [True] * world_size
 

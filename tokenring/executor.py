@@ -114,6 +114,10 @@ class _Run:
         if any(t.payload is Payload.KEY_VALUE and t.src == self.rank == t.owner for _, t in plan.transfers()):
             self.held.hold(Payload.KEY_VALUE, self.rank, ALL, {"kv": torch.stack((k, v))})
         self.release_after = _release_schedule(plan, self.rank, self.query_payload)
+        self.result_sends: dict[int, list[tuple[int, Transfer]]] = {}
+        for index, t in plan.transfers():
+            if t.src == self.rank and t.payload in (Payload.PARTIAL, Payload.GRAD_PARTIAL):
+                self.result_sends.setdefault(t.owner, []).append((index, t))
         self.trace = timeline.recorder(self.rank, self.comm.world_size, plan.algorithm, plan.backward)
         self.step_index = 0
 
@@ -192,6 +196,23 @@ class _Run:
         kv = self.held.get(Payload.KEY_VALUE, owner, span)["kv"]
         return kv[0], kv[1]
 
+    def _result_carrier(self, payload: Payload, block: Block) -> Span:
+        """The span of the message that will take this block's result home: the next one covering its rows."""
+        for index, t in self.result_sends.get(block.q_owner, ()):
+            if index > self.step_index and t.payload is payload and t.span.contains(block.q_span):
+                return t.span
+        raise RuntimeError(f"plan error: rank {self.rank} never sends the result of {block}")
+
+    def _empty_result(self, payload: Payload, owner: int, span: Span) -> dict[str, torch.Tensor]:
+        """A held result for ``span`` of ``owner``'s rows that has seen nothing yet: out 0, lse -inf, dq 0."""
+        buffer = self.held.message_buffer(payload, span)
+        self.held.hold_message(payload, owner, span, buffer)
+        sections = self.held.result(payload, owner, span)
+        assert sections is not None
+        for name, tensor in sections.items():
+            tensor.fill_(float("-inf") if name == "lse" else 0.0)
+        return sections
+
     def _kernel_mask(self, block: Block) -> "Mask | PositionMask":
         if block.mask is not Mask.TOKENS:
             return block.mask
@@ -245,12 +266,16 @@ class _ForwardRun(_Run):
         if block.q_owner == self.rank:
             self._accumulate(out, lse, block.q_span)
         else:
-            pending = self.held.result(Payload.PARTIAL, block.q_owner, block.q_span)
-            if pending is None:
+            carrier = self._result_carrier(Payload.PARTIAL, block)
+            pending = self.held.result(Payload.PARTIAL, block.q_owner, carrier)
+            if pending is None and carrier == block.q_span:
                 packed = self.held.pack(Payload.PARTIAL, block.q_span, {"out": out, "lse": lse})
                 self.held.hold_message(Payload.PARTIAL, block.q_owner, block.q_span, packed)
-            else:  # a second block for the same rows before they are sent: merge here
-                merge_partial_(pending["out"], pending["lse"], out, lse)
+            else:  # several blocks' rows leave in one message: merge them here
+                if pending is None:
+                    pending = self._empty_result(Payload.PARTIAL, block.q_owner, carrier)
+                rows = block.q_span.within(carrier)
+                merge_partial_(narrow(pending["out"], rows, 1), narrow(pending["lse"], rows, 2), out, lse)
         self.trace.add(timeline.MERGE, self.step_index, merged, local=block.q_owner == self.rank)
 
     def _arrive(self, t: Transfer, buffer: torch.Tensor) -> None:
@@ -298,11 +323,14 @@ class _BackwardRun(_Run):
         if block.q_owner == self.rank:
             narrow(self.dq, block.q_span, 1).add_(dq)
         else:
-            pending = self.held.result(Payload.GRAD_PARTIAL, block.q_owner, block.q_span)
-            if pending is None:
+            carrier = self._result_carrier(Payload.GRAD_PARTIAL, block)
+            pending = self.held.result(Payload.GRAD_PARTIAL, block.q_owner, carrier)
+            if pending is None and carrier == block.q_span:
                 self.held.hold(Payload.GRAD_PARTIAL, block.q_owner, block.q_span, {"dq": dq.contiguous()})
             else:
-                pending["dq"].add_(dq)
+                if pending is None:
+                    pending = self._empty_result(Payload.GRAD_PARTIAL, block.q_owner, carrier)
+                narrow(pending["dq"], block.q_span.within(carrier), 1).add_(dq)
         if block.kv_owner == self.rank:
             narrow(self.dk, block.kv_span, 1).add_(dk)
             narrow(self.dv, block.kv_span, 1).add_(dv)

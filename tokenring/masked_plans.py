@@ -4,12 +4,14 @@ Not a schedule: every schedule gets masks the same way. `mask_plan` takes the
 schedule's plan for full attention (every query meets every key) and a
 `TokenMask`, then
 
-1. drops each block whose rectangle holds no visible (query, key) pair, and
-   shrinks the others to the rows that see something and the keys seen; a
-   block stays unmasked (`Mask.NONE`) when all of what remains is visible,
-   else it is masked from the tokens (`Mask.TOKENS`);
-2. gives the blocks whose results leave in one message one common span of
-   rows (the executor merges them before sending), and sends only that;
+1. replaces each block by its parts that the mask lets something through:
+   one per pair of same-document segments of the two shards that meet,
+   trimmed to the rows that see something and the keys seen (a block whose
+   rectangle holds no visible pair disappears); a part stays unmasked
+   (`Mask.NONE`) when all of it is visible, else it is masked from the
+   tokens (`Mask.TOKENS`);
+2. sends each result message only for the rows its parts cover (the
+   executor merges the parts into one message of that span);
 3. sends each travelling query or key/value span only as far, and only as
    much of it, as some later block or forward needs (a backward liveness
    pass), dropping steps left with nothing.
@@ -26,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 
 from .interfaces import Mask
-from .masks import TokenMask, visibility
+from .masks import TokenMask, visibility, visible_rectangles
 from .plan import Block, Payload, Plan, Span, Step, Transfer
 from .plancheck import PlanError
 
@@ -37,20 +39,14 @@ def _span(rows: tuple[int, int], length: int) -> Span:
     return Span.chunks(rows[0], rows[1], length)
 
 
-def _masked_block(block: Block, tokens: TokenMask) -> Block | None:
+def _masked_blocks(block: Block, tokens: TokenMask) -> list[Block]:
+    """The parts of ``block`` where the mask lets something through: one per pair of document segments that meet."""
     length = tokens.rows_per_rank
-    seen = visibility(tokens, block.q_owner, block.q_span.row_range(length), block.kv_owner,
-                      block.kv_span.row_range(length))
-    if seen.empty:
-        return None
-    return _with_rows(block, tokens, seen.q_rows, seen.kv_rows)
-
-
-def _with_rows(block: Block, tokens: TokenMask, q_rows: tuple[int, int], kv_rows: tuple[int, int]) -> Block:
-    seen = visibility(tokens, block.q_owner, q_rows, block.kv_owner, kv_rows)
-    length = tokens.rows_per_rank
-    mask = Mask.NONE if seen.full else Mask.TOKENS
-    return dataclasses.replace(block, q_span=_span(q_rows, length), kv_span=_span(kv_rows, length), mask=mask)
+    pieces = visible_rectangles(tokens, block.q_owner, block.q_span.row_range(length), block.kv_owner,
+                                block.kv_span.row_range(length))
+    return [dataclasses.replace(block, q_span=_span(q_rows, length), kv_span=_span(kv_rows, length),
+                                mask=Mask.NONE if full else Mask.TOKENS)
+            for q_rows, kv_rows, full in pieces]
 
 
 def mask_plan(plan: Plan, tokens: TokenMask) -> Plan:
@@ -64,29 +60,23 @@ def mask_plan(plan: Plan, tokens: TokenMask) -> Plan:
         raise ValueError(f"{length} rows per rank do not split into the plan's {plan.granularity} pieces")
 
     # 1. blocks
-    blocks_per_step = [[_masked_block(b, tokens) for b in step.blocks] for step in plan.steps]
+    blocks_per_step = [[_masked_blocks(b, tokens) for b in step.blocks] for step in plan.steps]
 
-    # 2. results that leave together share one span
-    pending: dict[tuple[int, int, Span], list[tuple[int, int]]] = {}
+    # 2. results: each message carries the rows its blocks' parts still cover
+    pending: dict[tuple[int, int, Span], list[Block]] = {}
     result_spans: dict[tuple[int, int], Span | None] = {}  # (step, transfer index) -> span, None: drop
     for index, step in enumerate(plan.steps):
         for t_index, t in enumerate(step.transfers):
             if t.payload is Payload.PARTIAL:
-                members = pending.pop((t.src, t.owner, t.span), [])
-                live = [(s, i) for s, i in members if blocks_per_step[s][i] is not None]
-                if not live:
-                    result_spans[(index, t_index)] = None
-                    continue
-                first = min(blocks_per_step[s][i].q_span.start for s, i in live)
-                stop = max(blocks_per_step[s][i].q_span.stop for s, i in live)
-                common = Span(first, stop)
-                for s, i in live:
-                    b = blocks_per_step[s][i]
-                    blocks_per_step[s][i] = _with_rows(b, tokens, common.row_range(length), b.kv_span.row_range(length))
-                result_spans[(index, t_index)] = common
-        for i, original in enumerate(step.blocks):
+                parts = pending.pop((t.src, t.owner, t.span), [])
+                span = None
+                for part in parts:
+                    span = part.q_span.hull(span)
+                result_spans[(index, t_index)] = span
+        for original, parts in zip(step.blocks, blocks_per_step[index]):
             if original.rank != original.q_owner:
-                pending.setdefault((original.rank, original.q_owner, original.q_span), []).append((index, i))
+                pending.setdefault((original.rank, original.q_owner, original.q_span), []).extend(parts)
+    blocks_per_step_flat = [[part for parts in step_parts for part in parts] for step_parts in blocks_per_step]
 
     # 3. travelling inputs: only what is still needed, from the last step backwards
     need: dict[tuple[int, Payload, int], Span] = {}
@@ -111,14 +101,13 @@ def mask_plan(plan: Plan, tokens: TokenMask) -> Plan:
                     needs(t.src, t.payload, t.owner, span)
             else:
                 raise ValueError(f"mask_plan: unexpected {t.payload.value} transfer in a forward plan")
-        for b in blocks_per_step[index]:
-            if b is not None:
-                needs(b.rank, Payload.QUERY, b.q_owner, b.q_span)
-                needs(b.rank, Payload.KEY_VALUE, b.kv_owner, b.kv_span)
+        for b in blocks_per_step_flat[index]:
+            needs(b.rank, Payload.QUERY, b.q_owner, b.q_span)
+            needs(b.rank, Payload.KEY_VALUE, b.kv_owner, b.kv_span)
 
     steps = []
     for index, step in enumerate(plan.steps):
-        blocks = tuple(b for b in blocks_per_step[index] if b is not None)
+        blocks = tuple(blocks_per_step_flat[index])
         transfers = tuple(kept_transfers[index])
         if blocks or transfers:
             steps.append(Step(len(steps), blocks, transfers))

@@ -24,6 +24,7 @@ import hashlib
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 from .interfaces import PositionMask
@@ -59,32 +60,34 @@ class TokenMask:
             parts.append(f"window {self.window}")
         return ", ".join(parts)
 
-    def positions(self, rank: int) -> torch.Tensor:
+    # Plan-time tables are numpy arrays: planning is host work, and numpy's small-array calls cost
+    # microseconds where torch's cost a millisecond.
+    def positions(self, rank: int) -> np.ndarray:
         return _positions(self, rank)
 
-    def documents(self, rank: int) -> torch.Tensor:
+    def documents(self, rank: int) -> np.ndarray:
         """Document index of each of ``rank``'s rows; -1 for padding."""
         return _documents(self, rank)
 
-    def limits(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def limits(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """(low, high): the global positions each of ``rank``'s query rows may see, inclusive."""
         return _limits(self, rank)
 
     def visible_counts(self, q_owner: int, q_rows: tuple[int, int], kv_owner: int,
-                       kv_rows: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+                       kv_rows: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """For each query row of the rectangle: (first visible key row, how many), keys local to the span."""
         low, high = self.limits(q_owner)
         low, high = low[q_rows[0]:q_rows[1]], high[q_rows[0]:q_rows[1]]
         keys = self.positions(kv_owner)[kv_rows[0]:kv_rows[1]]
-        first = torch.searchsorted(keys, low, right=False)
-        stop = torch.searchsorted(keys, high, right=True)
-        return first, (stop - first).clamp(min=0)
+        first = np.searchsorted(keys, low, side="left")
+        stop = np.searchsorted(keys, high, side="right")
+        return first, np.maximum(stop - first, 0)
 
     def position_mask(self, q_owner: int, q_rows: tuple[int, int], kv_owner: int, kv_rows: tuple[int, int],
                       device: torch.device) -> PositionMask:
         """What a kernel needs to mask one block: the rows' global positions and documents."""
-        def on_device(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device)
+        def on_device(t: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(t)).to(device)
 
         return PositionMask(
             q_positions=on_device(self.positions(q_owner)[q_rows[0]:q_rows[1]]),
@@ -114,7 +117,7 @@ def visibility(mask: TokenMask, q_owner: int, q_rows: tuple[int, int], kv_owner:
     if entries == 0:
         return BlockVisibility(True, False, q_rows, kv_rows, 0)
     width = kv_rows[1] - kv_rows[0]
-    seeing = torch.nonzero(count > 0).flatten()
+    seeing = np.flatnonzero(count > 0)
     q_hull = (q_rows[0] + int(seeing[0]), q_rows[0] + int(seeing[-1]) + 1)
     kv_first = int(first[seeing].min())
     kv_stop = int((first[seeing] + count[seeing]).max())
@@ -129,50 +132,50 @@ def rows_to_span_bounds(rows: tuple[int, int], length: int) -> tuple[Fraction, F
 # -- per-rank tables, computed once per mask (the mask is hashable plan data) --
 
 @functools.lru_cache(maxsize=256)
-def _positions_table(mask: TokenMask) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in runs]) if runs
-                 else torch.zeros(0, dtype=torch.int64) for runs in mask.runs)
+def _positions_table(mask: TokenMask) -> tuple[np.ndarray, ...]:
+    return tuple(np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs]) if runs
+                 else np.zeros(0, dtype=np.int64) for runs in mask.runs)
 
 
-def _positions(mask: TokenMask, rank: int) -> torch.Tensor:
+def _positions(mask: TokenMask, rank: int) -> np.ndarray:
     return _positions_table(mask)[rank]
 
 
 @functools.lru_cache(maxsize=256)
-def _documents_table(mask: TokenMask) -> tuple[torch.Tensor, ...]:
-    bounds = torch.tensor(mask.boundaries, dtype=torch.int64)
+def _documents_table(mask: TokenMask) -> tuple[np.ndarray, ...]:
+    bounds = np.asarray(mask.boundaries, dtype=np.int64)
     tables = []
     for rank in range(mask.world_size):
         positions = _positions(mask, rank)
-        document = torch.searchsorted(bounds, positions, right=True) - 1
+        document = np.searchsorted(bounds, positions, side="right") - 1
         document[positions >= mask.boundaries[-1]] = -1
         tables.append(document)
     return tuple(tables)
 
 
-def _documents(mask: TokenMask, rank: int) -> torch.Tensor:
+def _documents(mask: TokenMask, rank: int) -> np.ndarray:
     return _documents_table(mask)[rank]
 
 
 @functools.lru_cache(maxsize=256)
-def _limits_table(mask: TokenMask) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    bounds = torch.tensor(mask.boundaries, dtype=torch.int64)
+def _limits_table(mask: TokenMask) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    bounds = np.asarray(mask.boundaries, dtype=np.int64)
     tables = []
     for rank in range(mask.world_size):
         positions = _positions(mask, rank)
         document = _documents(mask, rank)
         padding = document < 0
-        safe = document.clamp(min=0)
-        low = bounds[safe].clone()
-        high = bounds[safe + 1] - 1
+        safe = np.maximum(document, 0)
+        low = bounds[safe].copy()
+        high = bounds[np.minimum(safe + 1, len(bounds) - 1)] - 1
         if mask.causal:
-            high = torch.minimum(high, positions)
+            high = np.minimum(high, positions)
         if mask.window is not None:
             left, right = mask.window
             if left >= 0:
-                low = torch.maximum(low, positions - left)
+                low = np.maximum(low, positions - left)
             if right >= 0:
-                high = torch.minimum(high, positions + right)
+                high = np.minimum(high, positions + right)
         # A padding row sees nothing: an empty interval.
         low[padding] = 1
         high[padding] = 0
@@ -180,7 +183,7 @@ def _limits_table(mask: TokenMask) -> tuple[tuple[torch.Tensor, torch.Tensor], .
     return tuple(tables)
 
 
-def _limits(mask: TokenMask, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _limits(mask: TokenMask, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return _limits_table(mask)[rank]
 
 
@@ -264,3 +267,99 @@ def mask_fingerprint(boundaries: tuple[int, ...] | None, window: tuple[int, int]
     if window is not None:
         parts.append(f"window {list(window)}")
     return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [row, row + length) of a shard: consecutive global positions [position, ...) of one document."""
+
+    row: int
+    position: int
+    length: int
+    document: int  # -1: padding
+
+
+@functools.lru_cache(maxsize=256)
+def _segments_table(mask: TokenMask) -> tuple[tuple[Segment, ...], ...]:
+    bounds = mask.boundaries
+    tables = []
+    for runs in mask.runs:
+        segments, row = [], 0
+        for start, stop in runs:
+            position = start
+            while position < stop:
+                if position >= bounds[-1]:
+                    document, end = -1, stop
+                else:
+                    document = _bisect_right(bounds, position) - 1
+                    end = min(stop, bounds[document + 1])
+                segments.append(Segment(row, position, end - position, document))
+                row += end - position
+                position = end
+        tables.append(tuple(segments))
+    return tuple(tables)
+
+
+def _bisect_right(values: tuple[int, ...], x: int) -> int:
+    import bisect
+
+    return bisect.bisect_right(values, x)
+
+
+def segments(mask: TokenMask, rank: int) -> tuple[Segment, ...]:
+    return _segments_table(mask)[rank]
+
+
+def visible_rectangles(mask: TokenMask, q_owner: int, q_rows: tuple[int, int], kv_owner: int,
+                       kv_rows: tuple[int, int]) -> list[tuple[tuple[int, int], tuple[int, int], bool]]:
+    """The non-empty pieces of a rectangle: one per pair of same-document segments that meet.
+
+    Each is (query rows, key rows, fully visible), the rows trimmed to those
+    that see something and the keys seen, found in closed form: within one
+    document the visible keys of query i are [low(i), high(i)], both
+    non-decreasing in i.
+    """
+    left, right = mask.window if mask.window is not None else (-1, -1)
+    bounds = mask.boundaries
+    by_document: dict[int, list[tuple[int, int, int]]] = {}  # document -> (first row, first position, length)
+    for seg in segments(mask, kv_owner):
+        first, stop = max(seg.row, kv_rows[0]), min(seg.row + seg.length, kv_rows[1])
+        if seg.document >= 0 and first < stop:
+            by_document.setdefault(seg.document, []).append((first, seg.position + first - seg.row, stop - first))
+    pieces = []
+    for seg in segments(mask, q_owner):
+        keys = by_document.get(seg.document)
+        first, stop = max(seg.row, q_rows[0]), min(seg.row + seg.length, q_rows[1])
+        if keys is None or first >= stop:
+            continue
+        q_row0, p0, p1 = first, seg.position + first - seg.row, seg.position + stop - seg.row  # positions [p0, p1)
+        doc_start, doc_last = bounds[seg.document], bounds[seg.document + 1] - 1
+
+        def low(i: int) -> int:
+            return max(doc_start, i - left) if left >= 0 else doc_start
+
+        def high(i: int) -> int:
+            h = doc_last
+            if mask.causal:
+                h = min(h, i)
+            if right >= 0:
+                h = min(h, i + right)
+            return h
+
+        for k_row0, k0, count in keys:
+            k1 = k0 + count  # key positions [k0, k1)
+            i_first = p0
+            if mask.causal:
+                i_first = max(i_first, k0)
+            if right >= 0:
+                i_first = max(i_first, k0 - right)
+            i_last = p1 - 1
+            if left >= 0:
+                i_last = min(i_last, k1 - 1 + left)
+            if i_first > i_last:
+                continue
+            j_first, j_last = max(low(i_first), k0), min(high(i_last), k1 - 1)
+            full = low(i_last) <= j_first and high(i_first) >= j_last
+            pieces.append(((q_row0 + i_first - p0, q_row0 + i_last - p0 + 1),
+                           (k_row0 + j_first - k0, k_row0 + j_last - k0 + 1), full))
+    return pieces

@@ -166,9 +166,11 @@ def check_plan(plan: Plan) -> None:
             if t.src == t.dst:
                 raise PlanError(f"{where}: rank {t.src} sends to itself")
             if t.payload is result:
-                waiting = pending[t.src].pop((t.owner, t.span), None)
-                if waiting is None:
+                # A message carries the results held for rows within its span (several blocks' may share it).
+                carried = [key for key in pending[t.src] if key[0] == t.owner and t.span.contains(key[1])]
+                if not carried:
                     raise PlanError(f"{where}: rank {t.src} sends a result for rank {t.owner}.{t.span} it does not hold: {t}")
+                waiting = [pair for key in carried for pair in pending[t.src].pop(key)]
                 if t.dst != t.owner:
                     raise PlanError(f"{where}: result for rank {t.owner} sent to rank {t.dst}")
                 arriving.append((t, waiting))

@@ -7,6 +7,10 @@ a travelling tensor that some later holder still needs.
 
 from __future__ import annotations
 
+import dataclasses
+from fractions import Fraction
+
+from ..interfaces import Mask
 from ..layout import Layout
 from ..plan import Block, Payload, ProblemShape, Span, Step, Transfer, visible_block
 
@@ -79,3 +83,65 @@ def cheaper_direction(moves_queries: bool, layout: Layout, causal: bool, n: int)
 def direction_note(direction: int, what: str) -> str:
     return f"{what} travel r -> r{'+' if direction > 0 else '-'}1"
 
+
+
+def _split_rows(span: Span, pieces: int) -> list[Span]:
+    """``span`` cut into ``pieces`` equal runs of rows, in order."""
+    edges = [span.start + span.fraction * Fraction(i, pieces) for i in range(pieces + 1)]
+    return [Span(a, b) for a, b in zip(edges, edges[1:])]
+
+
+def _own_block_halves(b: Block) -> tuple[list[Block], list[Block]] | None:
+    """An owner's own block as (what stays at step 0, what moves to the tail), or None to keep it whole.
+
+    No mask: the first half of its query rows stays, the second half moves.
+    Causal (a diagonal block): the two diagonal halves stay, causal, and the
+    second half's rows against the first half's keys, which they all see,
+    move unmasked: half the work each way. Any other mask: kept whole.
+    """
+    first, second = _split_rows(b.q_span, 2)
+    if b.mask is Mask.NONE:
+        return [dataclasses.replace(b, q_span=first)], [dataclasses.replace(b, q_span=second)]
+    if b.mask is Mask.CAUSAL and b.q_span == b.kv_span and b.q_owner == b.kv_owner:
+        stays = [dataclasses.replace(b, q_span=half, kv_span=half) for half in (first, second)]
+        return stays, [dataclasses.replace(b, q_span=second, kv_span=first, mask=Mask.NONE)]
+    return None
+
+
+def hide_tail(steps: tuple[Step, ...], pieces: int = 2, fill_with_own: bool = True) -> tuple[Step, ...]:
+    """A queries-travel walk whose last blocks send their partials home in pieces as they finish.
+
+    In the plain walk every holder computes its last block whole at the last
+    compute step L and its partial (out, lse) leaves only at step L + 1, so
+    the whole block and then the whole partial are exposed. Here each of the
+    last step's blocks computed away from its owner is cut into ``pieces``
+    runs of query rows: run i is computed at step L + i and its partial goes
+    home at step L + i + 1, while run i + 1 is computed, so the final step
+    carries 1/``pieces`` of each last partial. With ``fill_with_own`` half of
+    each owner's own block (step 0, which needs nothing that travels) moves
+    to that final step, so its compute covers the last piece's transfer.
+    """
+    last = max((s.index for s in steps if s.blocks), default=-1)
+    tail = [b for b in steps[last].blocks if b.rank != b.q_owner] if last >= 0 else []
+    if pieces < 2 or not tail or len(steps) != last + 2:
+        return steps
+    home = {(b.rank, b.q_owner, b.q_span) for b in tail}
+    runs = {b: [dataclasses.replace(b, q_span=span) for span in _split_rows(b.q_span, pieces)] for b in tail}
+    blocks: list[list[Block]] = [list(s.blocks) for s in steps[:last]] + [[] for _ in range(pieces + 1)]
+    transfers: list[list[Transfer]] = [list(s.transfers) for s in steps[:last + 1]] + [[] for _ in range(pieces)]
+    transfers[last + 1] = [t for t in steps[last + 1].transfers
+                           if not (t.payload is Payload.PARTIAL and (t.src, t.owner, t.span) in home)]
+    for b in steps[last].blocks:
+        for i, run in enumerate(runs.get(b, [b])):
+            blocks[last + i].append(run)
+            if b in runs:
+                transfers[last + i + 1].append(Transfer(run.rank, run.q_owner, Payload.PARTIAL, run.q_owner, run.q_span))
+    if fill_with_own and last > 0:
+        for b in list(blocks[0]):
+            halves = _own_block_halves(b) if b.rank == b.q_owner else None
+            if halves is not None:
+                at = blocks[0].index(b)
+                blocks[0][at:at + 1] = halves[0]
+                blocks[-1] += halves[1]
+    return tuple(Step(i, tuple(sorted(bs, key=lambda b: b.rank)), tuple(ts))
+                 for i, (bs, ts) in enumerate(zip(blocks, transfers)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from ..hookspecs import hookimpl
 from ..layout import Layout
 from ..plan import Plan, Schedule, Span
+from .hops import hide_tail
 from .rings import directed_rings
 from .routes import Route, ring_successors, route_steps
 
@@ -55,7 +56,7 @@ def _note(n: int) -> str:
 
 
 def build_queries(layout: Layout, causal: bool, world_size: int) -> Plan:
-    steps = route_steps(True, layout, causal, world_size, multi_ring_routes(world_size, layout))
+    steps = hide_tail(route_steps(True, layout, causal, world_size, multi_ring_routes(world_size, layout)))
     return Plan("tokenring-multi", layout, causal, world_size, steps, note="queries: " + _note(world_size))
 
 

@@ -5,7 +5,8 @@ against its own keys/values and sends the partial (out, lse) straight back to
 the owner one step later, over the link direction the queries leave idle.
 On the causal zigzag layout the queries travel r -> r-1: they first visit the
 ranks that need all of them, and only their second chunk continues past the
-wrap.
+wrap. The last blocks' partials leave in halves as they finish, and half of
+each owner's own block fills the final step (`hops.hide_tail`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from __future__ import annotations
 from ..hookspecs import hookimpl
 from ..layout import Layout
 from ..plan import Plan, Schedule
-from .hops import cheaper_direction, direction_note
+from .hops import cheaper_direction, direction_note, hide_tail
 
 NAME = "tokenring"
 
 
 def build(layout: Layout, causal: bool, world_size: int) -> Plan:
     direction, steps = cheaper_direction(True, layout, causal, world_size)
-    return Plan(NAME, layout, causal, world_size, steps, note=direction_note(direction, "queries"))
+    return Plan(NAME, layout, causal, world_size, hide_tail(steps), note=direction_note(direction, "queries"))
 
 
 @hookimpl

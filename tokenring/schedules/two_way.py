@@ -2,7 +2,8 @@
 
 ``tokenring-2way``: each owner's queries go to r+1, r+2, ... and to r-1,
 r-2, ... at once, ceil((N-1)/2) and floor((N-1)/2) hops; every holder sends
-its partial straight home one step later. ``ring-2way``: the same with the
+its partial straight home one step later; the last blocks' partials leave
+in halves as they finish (`hops.hide_tail`). ``ring-2way``: the same with the
 keys/values, results staying where computed; in the backward each holder's
 dK/dV sum goes straight home. Both use both directions of every ring link in
 about half the steps of their one-way form (docs/design.md, "Where each
@@ -14,11 +15,12 @@ from __future__ import annotations
 from ..hookspecs import hookimpl
 from ..layout import Layout
 from ..plan import Plan, Schedule
+from .hops import hide_tail
 from .routes import route_steps, two_way_routes
 
 
 def build_queries(layout: Layout, causal: bool, world_size: int) -> Plan:
-    steps = route_steps(True, layout, causal, world_size, two_way_routes(world_size))
+    steps = hide_tail(route_steps(True, layout, causal, world_size, two_way_routes(world_size)))
     return Plan("tokenring-2way", layout, causal, world_size, steps, note="queries travel both ways, half the ring each")
 
 
