@@ -25,7 +25,7 @@ from .interfaces import (
 from .layout import Layout, shard, unshard
 from .plan import Plan, ProblemShape, Schedule, Span
 from .plans import build_plan, schedule_names
-from .api import token_ring_attn
+from .api import last_choice, token_ring_attn
 from .traffic import record_traffic
 from .reference import reference_attention
 from .registry import registry
@@ -34,6 +34,7 @@ from . import nn, sequence  # noqa: E402  (drop-in module and batch helpers: tok
 __version__ = "0.1.0"
 
 __all__ = [
+    "last_choice",
     "AttentionKernel",
     "Backend",
     "BackendError",

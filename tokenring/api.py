@@ -15,6 +15,7 @@ from .groups import resolve_group
 from .interfaces import Backend, BackendError, InputError, TokenRingError
 from .layout import Layout, default_layout
 from .masks import mask_fingerprint, token_mask_for_call
+from .planner import AUTO, Choice, choose
 from .plans import build_masked_plan, build_plan
 from .registry import registry
 from .plancheck import PlanError
@@ -107,7 +108,7 @@ def token_ring_attn(
     group: Any = None,
     backend: str | None = None,
     layout: str | None = None,
-    algorithm: str = "tokenring",
+    algorithm: str = "auto",
     return_lse: bool = False,
     caller_problem: str | None = None,
     cu_seqlens: Any = None,
@@ -123,7 +124,10 @@ def token_ring_attn(
     ``algorithm`` names a registered schedule (`tokenring.schedule_names`):
     ``"tokenring"`` keeps K and V still and moves queries and partial
     results; ``"ring"`` runs the Ring-Attention baseline (K and V travel);
-    all run through the same engine.
+    all run through the same engine. ``"auto"`` (the default) runs the one
+    the simulator predicts fastest for this call's shape on the group's
+    profile (`tokenring.planner`; ``tokenring calibrate`` writes the profile);
+    every rank makes the same choice, and `tokenring.last_choice` tells which.
 
     Returns out, with q's shape and dtype, or (out, lse) with ``return_lse``,
     lse being (B, Hq, S_local) float32 (float64 for float64 inputs), the
@@ -171,7 +175,12 @@ def token_ring_attn(
         layout = default_layout(causal)
     grad_inputs = [name for name, t in (("q", q), ("k", k), ("v", v)) if getattr(t, "requires_grad", False)]
     needs_grad = torch.is_grad_enabled() and bool(grad_inputs)
-    problem = backend_problem or caller_problem or local_problem(
+    signed_algorithm = algorithm
+    auto_problem = None
+    if algorithm == AUTO:
+        algorithm, auto_problem = _resolve_auto(q, k, causal, layout, comm.world_size, needs_grad, executor)
+        signed_algorithm = f"auto -> {algorithm}"
+    problem = backend_problem or caller_problem or auto_problem or local_problem(
         q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=algorithm, backend=chosen,
         documents=cu_seqlens is not None,
     )
@@ -204,7 +213,7 @@ def token_ring_attn(
         else:
             problem = plan_problem(plan, q, k)
     signature = call_signature(
-        q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=algorithm,
+        q, k, v, causal=causal, softmax_scale=softmax_scale, layout=layout, algorithm=signed_algorithm,
         backend=chosen, needs_grad=needs_grad,
     )
     if boundaries is not None or masked_window is not None:
@@ -230,6 +239,33 @@ def token_ring_attn(
     out, lse = attend(q, k, v, executor, plan, backward_plan, scale=scale, wait_s=wait_s, signature=key)
     # -- end of the custom op route --
     return (out, lse) if return_lse else out
+
+
+def _resolve_auto(q, k, causal, layout, world_size: int, needs_grad: bool, executor) -> tuple[str, str | None]:
+    """The schedule "auto" stands for in this call, or a stand-in and the problem when it cannot choose."""
+    fallback = "tokenring"  # only ever run with a problem: local checks name what is wrong first
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k)) or not isinstance(causal, bool):
+        return fallback, None
+    try:
+        layout = Layout(layout).value
+    except ValueError:
+        return fallback, None
+    try:
+        shape = problem_shape(q, k)
+        choice = choose(shape, causal, layout, world_size, needs_grad)
+    except ValueError as error:  # a bad layout or profile, or no schedule fits this shape
+        return fallback, f"argument 'algorithm': auto: {error}"
+    executor.auto_choice = choice
+    _last_choice.value = choice
+    return choice.algorithm, None
+
+
+_last_choice = threading.local()
+
+
+def last_choice() -> "Choice | None":
+    """What the last ``algorithm="auto"`` call on this thread chose, and why (`tokenring.planner.Choice`)."""
+    return getattr(_last_choice, "value", None)
 
 
 use_eager_call(token_ring_attn)  # the custom operators sit below this API and call back into it

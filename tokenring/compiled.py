@@ -258,7 +258,7 @@ def _in_graph(q, k, v, causal, softmax_scale, group, layout, algorithm, backend)
 
 def compiled_token_ring_attn(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
-    group: Any = None, backend: Optional[str] = None, layout: Optional[str] = None, algorithm: str = "tokenring",
+    group: Any = None, backend: Optional[str] = None, layout: Optional[str] = None, algorithm: str = "auto",
     return_lse: bool = False, caller_problem: Optional[str] = None,
 ):
     """token_ring_attn while torch.compile traces: the agree operator, then the attention operator."""

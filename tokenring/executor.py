@@ -30,6 +30,7 @@ class Executor:
         self.kernel = kernel
         self.pool = BufferPool()
         self.agreement = Agreement()  # what the ranks of this comm last agreed on (tokenring.agreement)
+        self.auto_choice = None  # the last algorithm="auto" choice on this comm (tokenring.planner.Choice)
 
     def forward(self, plan: Plan, q, k, v, *, scale: float, timeout_s: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse) of this rank's queries.

@@ -74,7 +74,7 @@ def token_ring_attention(
     softmax_scale: float | None = None,
     group: Any = None,
     layout: str | None = None,
-    algorithm: str = "tokenring",
+    algorithm: str = "auto",
     backend: str | None = None,
 ) -> torch.Tensor:
     """Rotary embedding at the true positions, then exact attention over the sharded sequence.
@@ -132,7 +132,7 @@ class TokenRingAttention(nn.Module):
         softmax_scale: float | None = None,
         group: Any = None,
         layout: str | None = None,
-        algorithm: str = "tokenring",
+        algorithm: str = "auto",
         backend: str | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,

@@ -57,7 +57,7 @@ def check_gradients(world: LocalWorld, problem: Problem, memory: str = "contiguo
     forward = sum_by_link(LinkTraffic(**m) for r in results for m in r["sent"])
     backward = sum_by_link(LinkTraffic(**m) for r in results for m in r["backward_sent"])
     backward_plan = problem.plan(world_size, backward=True)
-    assert forward == problem.planned_link_bytes(world_size), "bytes sent differ from the forward plan"
+    assert forward == problem.planned_link_bytes(world_size, needs_grad=True), "bytes sent differ from the forward plan"
     assert backward == backward_plan.link_bytes(problem.shape(world_size)), "bytes sent differ from the backward plan"
     return results
 

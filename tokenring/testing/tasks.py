@@ -39,7 +39,8 @@ def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: di
     ("q_shape", "k_shape", "v_shape" as new shapes; "<name>_dtype", "<name>_device",
     "<name>_fill" for a value put in its first element, "<name>_requires_grad")
     and keyword overrides ("causal", "layout", "algorithm", "softmax_scale",
-    "backend"); "checks" sets TOKENRING_CHECKS for the call. With ``report``
+    "backend"); "checks" sets TOKENRING_CHECKS for the call, "profile"
+    TOKENRING_PROFILE (the planner's profile). With ``report``
     "finiteness" it returns whether this rank's output is all finite
     ("finite" or "not finite").
     """
@@ -60,11 +61,15 @@ def call_with(rank: int, world_size: int, problem: Problem, per_rank_changes: di
             tensors[name].requires_grad_()
     kwargs = problem.attention_kwargs()
     checks = changes.pop("checks", None)  # TOKENRING_CHECKS for this call
+    profile = changes.pop("profile", None)  # TOKENRING_PROFILE for this call (what algorithm="auto" reads)
     kwargs.update(changes)
-    with _environment("TOKENRING_CHECKS", checks):
+    with _environment("TOKENRING_CHECKS", checks), _environment("TOKENRING_PROFILE", profile):
         out = tokenring.token_ring_attn(tensors["q"], tensors["k"], tensors["v"], **kwargs)
     if report == "finiteness":
         return "finite" if bool(torch.isfinite(out).all()) else "not finite"
+    if report == "choice":
+        choice = tokenring.last_choice()
+        return choice.algorithm if choice is not None else "none"
     return "ok"
 
 

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser, and each command's subparser (whose usage goes with its errors)."""
     from ..plans import schedule_names
-    from . import benchmark, conformance, plan_command
+    from . import benchmark, calibrate, conformance, plan_command
     from .options import positive_float, positive_int
 
     parser = argparse.ArgumentParser(
@@ -110,7 +110,9 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         help="shard layout (default: zigzag when causal, contiguous otherwise)",
     )
     run.add_argument(
-        "--algorithm", choices=schedule_names(), default="tokenring", help="schedule (default: %(default)s)"
+        "--algorithm", choices=("auto", *schedule_names()), default="auto",
+        help="schedule, or auto: the one the simulator predicts fastest on this machine's profile "
+             "(default: %(default)s)"
     )
     run.add_argument(
         "--repeats", type=positive_int, default=5, help="timed calls after the checked one (default: %(default)s)"
@@ -149,7 +151,15 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     )
     plan_command.add_arguments(plan)
     plan.set_defaults(handler=plan_command.command)
-    return parser, {"backends": backends, "run": run, "bench": bench, "conformance": suite, "plan": plan}
+
+    measure = commands.add_parser(
+        "calibrate", help="measure this group's links and kernel and write the profile the planner reads",
+        description=calibrate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    calibrate.add_arguments(measure)
+    measure.set_defaults(handler=calibrate.command)
+    return parser, {"backends": backends, "run": run, "bench": bench, "conformance": suite, "plan": plan,
+                    "calibrate": measure}
 
 
 def _validate_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -173,7 +183,14 @@ def _validate_plan_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     plan_command.validate(parser, args)
 
 
-_VALIDATORS = {"run": _validate_run_args, "bench": _validate_bench_args, "plan": _validate_plan_args}
+def _validate_calibrate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from . import calibrate
+
+    calibrate.validate_arguments(parser, args)
+
+
+_VALIDATORS = {"run": _validate_run_args, "bench": _validate_bench_args, "plan": _validate_plan_args,
+               "calibrate": _validate_calibrate_args}
 
 
 def _error(message: str) -> None:
@@ -220,7 +237,7 @@ def _backends_command(args: argparse.Namespace) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import __version__, build_plan, unshard
+    from .. import __version__, unshard
     from .launch import LocalWorld
     from ..interfaces import LinkTraffic
     from ..plan import sum_by_link
@@ -286,7 +303,7 @@ def _run_command(args: argparse.Namespace) -> int:
         return {(t.step, t.src, t.dst): t.bytes for t in sent}
 
     def planned_totals(backward: bool) -> dict[tuple[int, int, int], int]:
-        plan = build_plan(problem.algorithm, layout, problem.causal, world_size, backward=backward)
+        plan = problem.plan(world_size, backward=backward, needs_grad=args.backward)
         return {(t.step, t.src, t.dst): t.bytes for t in plan.link_bytes(problem.shape(world_size))}
 
     measured, planned = link_totals("sent"), planned_totals(False)
@@ -322,7 +339,9 @@ def _run_command(args: argparse.Namespace) -> int:
             else {}
         ),
         "traffic_matches_plan": traffic_matches_plan,
-        "plan_note": build_plan(problem.algorithm, layout, problem.causal, world_size).note,
+        "plan_note": problem.plan(world_size, needs_grad=args.backward).note,
+        "algorithm_chosen": problem.resolved_algorithm(world_size, needs_grad=args.backward),
+        "auto_choice": _auto_choice(problem, world_size, args.backward),
         "problem": problem.to_json(),
         "layout": layout,
         "backend": args.backend,
@@ -347,6 +366,14 @@ def _link_list(totals: dict[tuple[int, int, int], int]) -> list[dict[str, int]]:
     return [{"step": s, "src": src, "dst": dst, "bytes": n} for (s, src, dst), n in sorted(totals.items())]
 
 
+def _auto_choice(problem, world_size: int, needs_grad: bool) -> str | None:
+    from ..planner import AUTO, choose
+
+    if problem.algorithm != AUTO:
+        return None
+    return choose(problem.shape(world_size), problem.causal, problem.resolved_layout, world_size, needs_grad).describe()
+
+
 def _summary(
     report: dict[str, Any], measured: dict[tuple[int, int, int], int], planned: dict[tuple[int, int, int], int]
 ) -> str:
@@ -366,7 +393,7 @@ def _summary(
         f"problem    B={p['batch']} S={p['seq_len']} {heads} D={p['head_dim']} {p['dtype']}"
         f" {'causal' if p['causal'] else 'non-causal'}{scale}, seed {p['seed']}",
         f"backend    {report['backend']} ({report['backend_distribution']}), torch {report['torch']}",
-        f"algorithm  {p['algorithm']}, {report['layout']} layout, {report['world_size']} ranks"
+        f"algorithm  {report['auto_choice'] or p['algorithm']}, {report['layout']} layout, {report['world_size']} ranks"
         f" x {report['threads_per_rank']} thread{'s' if report['threads_per_rank'] != 1 else ''}",
         f"error      {report['max_rel_err']:.3g} max relative error ({each_error}),"
         f" tolerance {report['tolerance']:.0e}: {verdict}",

@@ -103,17 +103,30 @@ class Problem:
 
         return unshard(parts, layout=self.resolved_layout, dim=dim, cu_seqlens=self.cu_seqlens)
 
-    def plan(self, world_size: int, backward: bool = False):
-        """The plan token_ring_attn runs for this problem on ``world_size`` ranks."""
+    def resolved_algorithm(self, world_size: int, needs_grad: bool = False) -> str:
+        """The schedule token_ring_attn runs: ``algorithm``, or what "auto" chooses on this machine's profile."""
+        from ..planner import AUTO, choose
+
+        if self.algorithm != AUTO:
+            return self.algorithm
+        return choose(self.shape(world_size), self.causal, self.resolved_layout, world_size, needs_grad).algorithm
+
+    def plan(self, world_size: int, backward: bool = False, needs_grad: bool | None = None):
+        """The plan token_ring_attn runs for this problem on ``world_size`` ranks.
+
+        ``needs_grad`` (default: ``backward``) is whether the call computes
+        gradients, which "auto" weighs in its choice.
+        """
+        algorithm = self.resolved_algorithm(world_size, needs_grad=backward if needs_grad is None else needs_grad)
         if self.cu_seqlens is None and self.window is None:
-            return build_plan(self.algorithm, self.resolved_layout, self.causal, world_size, backward=backward)
+            return build_plan(algorithm, self.resolved_layout, self.causal, world_size, backward=backward)
         from ..masks import token_mask_for_call
         from ..plans import build_masked_plan
 
         window = None if self.window in (None, (-1, -1)) else tuple(self.window)
         tokens = token_mask_for_call(self.seq_len, world_size, self.resolved_layout, self.causal, window,
                                      self.cu_seqlens)
-        return build_masked_plan(self.algorithm, tokens, backward=backward)
+        return build_masked_plan(algorithm, tokens, backward=backward)
 
     def device(self, rank: int) -> torch.device:
         """Where rank ``rank`` keeps its tensors: its backend's device."""
@@ -151,8 +164,8 @@ class Problem:
             acc_itemsize=accumulation_dtype(self.torch_dtype).itemsize,
         )
 
-    def planned_link_bytes(self, world_size: int) -> list[LinkTraffic]:
-        return self.plan(world_size).link_bytes(self.shape(world_size))
+    def planned_link_bytes(self, world_size: int, needs_grad: bool = False) -> list[LinkTraffic]:
+        return self.plan(world_size, needs_grad=needs_grad).link_bytes(self.shape(world_size))
 
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = self.inputs()

@@ -1,0 +1,93 @@
+"""algorithm="auto": the simulator's fastest schedule, the same on every rank, refused cleanly when ranks differ."""
+
+import json
+
+import pytest
+
+from tokenring.plan import ProblemShape
+from tokenring.planner import PREFERENCE, TIE, choose
+from tokenring.simulate import predict_all
+from tokenring.testing.problems import Problem
+from tokenring.topology import fullmesh, save_profile, switch
+
+
+def shape(seq_local=512, q_heads=8, kv_heads=8):
+    return ProblemShape(batch=1, seq_local=seq_local, q_heads=q_heads, kv_heads=kv_heads, head_dim=64,
+                        itemsize=2, acc_itemsize=4)
+
+
+@pytest.mark.parametrize("topology", ["fullmesh", "switch"])
+@pytest.mark.parametrize("kv_heads", [8, 2])
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_auto_picks_a_schedule_predicted_within_the_tie_of_the_fastest(topology, kv_heads, needs_grad):
+    profile = (fullmesh if topology == "fullmesh" else switch)(8, 1.0, 5, tflops=1.0)
+    choice = choose(shape(kv_heads=kv_heads), True, "zigzag", 8, needs_grad, profile=profile)
+    comparison = predict_all(shape(kv_heads=kv_heads), profile, True, "zigzag")
+    times = {e.name: (e.training if needs_grad else e.forward.total) for e in comparison.estimates if e.error is None}
+    assert times[choice.algorithm] <= min(times.values()) * (1 + TIE)
+    assert choice.predicted_s == times[choice.algorithm]
+
+
+def test_on_a_switch_the_fewest_bytes_win_and_ties_go_to_the_simpler_schedule():
+    # Comm-bound GQA behind a switch: the ring moves a quarter of TokenRing's bytes.
+    profile = switch(4, 0.1, 5, tflops=None)
+    choice = choose(shape(kv_heads=2), False, "contiguous", 4, False, profile=profile)
+    assert PREFERENCE.index(choice.algorithm) <= PREFERENCE.index("ring-2way"), choice
+    assert "tokenring" not in choice.algorithm
+
+
+def test_on_a_comm_bound_full_mesh_mha_a_schedule_using_more_links_wins():
+    profile = fullmesh(8, 0.1, 5, tflops=None)
+    choice = choose(shape(), False, "contiguous", 8, False, profile=profile)
+    assert choice.algorithm != "ring", choice.describe()
+
+
+def test_the_choice_is_cached_per_shape():
+    profile = fullmesh(4, 1.0, 5)
+    first = choose(shape(), True, "zigzag", 4, True, profile=profile)
+    assert choose(shape(), True, "zigzag", 4, True, profile=profile) is first
+
+
+def test_a_profile_for_another_world_size_is_not_used(tmp_path, monkeypatch):
+    path = tmp_path / "profile.json"
+    save_profile(fullmesh(8, 0.1, 5, tflops=None), path)
+    monkeypatch.setenv("TOKENRING_PROFILE", str(path))
+    from tokenring.planner import group_profile
+
+    assert "profile" in group_profile(8)[1] and str(path) in group_profile(8)[1]
+    assert group_profile(4)[1].startswith("an assumed switch")
+
+
+def test_auto_runs_exactly_and_reports_its_choice(worlds, seed):
+    from tokenring.testing.checks import check_gradients
+
+    problem = Problem(seed, batch=1, seq_len=32, q_heads=4, kv_heads=2, head_dim=16, causal=True, algorithm="auto")
+    check_gradients(worlds.get(2), problem)
+    results = worlds.get(2).run_ok("tokenring.testing.tasks.call_with", problem, {}, "choice")
+    assert results == [problem.resolved_algorithm(2)] * 2
+
+
+def test_ranks_whose_profiles_choose_differently_all_fail_naming_both_choices(worlds, seed, tmp_path):
+    # Rank 1 describes a comm-bound full mesh (a multi-link schedule wins); rank 0 has no profile (a switch).
+    path = tmp_path / "mesh.json"
+    save_profile(fullmesh(4, 0.001, 5, tflops=None), path)
+    problem = Problem(seed, batch=1, seq_len=128, q_heads=4, kv_heads=4, head_dim=16, algorithm="auto")
+    missing = str(tmp_path / "none.json")
+    on_switch = problem.resolved_algorithm(4)  # no profile here either
+    on_mesh = choose(problem.shape(4), False, "contiguous", 4, False, profile=fullmesh(4, 0.001, 5, tflops=None))
+    assert on_switch != on_mesh.algorithm, "the two profiles must choose differently for this test to mean anything"
+    results = worlds.get(4).run("tokenring.testing.tasks.call_with", problem,
+                                {"all": {"profile": missing}, 1: {"profile": str(path)}}, timeout_s=60)
+    for r in results:
+        assert not r.ok and "argument 'algorithm'" in r.error and "differs across ranks" in r.error, r.error
+        assert "auto -> " in r.error
+
+
+def test_a_bad_profile_is_an_error_naming_the_file(worlds, seed, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"version": 1, "kind": "hypercube"}))
+    problem = Problem(seed, batch=1, seq_len=32, q_heads=2, kv_heads=2, head_dim=16, algorithm="auto")
+    results = worlds.get(2).run("tokenring.testing.tasks.call_with", problem, {"all": {"profile": str(path)}},
+                                timeout_s=60)
+    for r in results:
+        assert not r.ok and str(path) in r.error, r.error
