@@ -22,6 +22,11 @@ shard of every sequence. Three things need care, and these helpers do them:
 * Each rank's tokens sit at their true positions in the sequence, which the
   zigzag layout makes non-contiguous: ``"position_ids"`` holds them, for the
   rotary embedding.
+* Packed documents (batch size 1) and padded batches (``pack_padding=True``)
+  go through the same call: labels are shifted within each document, tokens
+  are placed per document, and the result carries the global boundaries as
+  ``"cu_seq_lens_q"`` / ``"cu_seq_lens_k"`` for the model's attention
+  (`document_kwargs`). See `shard_batch`.
 * The loss is the mean over all tokens of all ranks. Each rank's backward
   gives only its own share of each parameter's gradient, so the gradients of
   the replicated parameters must be summed across ranks, explicitly, before
@@ -30,7 +35,7 @@ shard of every sequence. Three things need care, and these helpers do them:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -44,7 +49,10 @@ IGNORE_INDEX = -100  # what torch's cross_entropy and Hugging Face models skip
 __all__ = [
     "IGNORE_INDEX",
     "all_reduce_gradients",
+    "DOCUMENT_KWARGS",
     "causal_lm_loss",
+    "document_kwargs",
+    "document_positions",
     "gather_sequence",
     "local_positions",
     "rank_and_world_size",
@@ -75,14 +83,16 @@ def _resolve_rank(rank: int | None, world_size: int | None, group: Any) -> tuple
 
 
 def local_positions(
-    seq_len: int, *, rank: int, world_size: int, layout: "Layout | str", device: Any = None
+    seq_len: int, *, rank: int, world_size: int, layout: "Layout | str", device: Any = None,
+    cu_seqlens: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The true positions (int64, shape (seq_len / world_size,)) of ``rank``'s tokens in a sequence of ``seq_len``.
 
     Contiguous: one run of positions. Zigzag: two runs, chunk ``rank`` then
-    chunk ``2N-1-rank`` of the 2N chunks.
+    chunk ``2N-1-rank`` of the 2N chunks; with ``cu_seqlens`` (packed
+    documents) the runs `tokenring.shard` places per document.
     """
-    return shard(torch.arange(seq_len, device=device), rank, world_size, layout=layout, dim=0)
+    return shard(torch.arange(seq_len, device=device), rank, world_size, layout=layout, dim=0, cu_seqlens=cu_seqlens)
 
 
 def shift_labels(labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -96,6 +106,33 @@ def shift_labels(labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX) -> t
     return torch.cat((labels[:, 1:], last), dim=1)
 
 
+def document_positions(seq_len: int, cu_seqlens: Sequence[int], *, device: Any = None) -> torch.Tensor:
+    """Each token's position within its document (int64, shape (seq_len,)): 0, 1, ... from every boundary.
+
+    Tokens after the last boundary (padding) are numbered from 0 too, as one
+    more document: no query sees them, so their positions change nothing.
+    """
+    bounds = [int(b) for b in cu_seqlens]
+    if bounds[-1] < seq_len:
+        bounds.append(seq_len)
+    starts = torch.tensor(bounds[:-1], dtype=torch.int64)
+    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], dtype=torch.int64)
+    return (torch.arange(seq_len, dtype=torch.int64) - starts.repeat_interleave(lengths, output_size=seq_len)).to(device)
+
+
+# The keyword arguments transformers passes to attention for a flattened (varlen) batch.
+DOCUMENT_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def document_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The packed-document keyword arguments of a `shard_batch` result, for the model call ({} when none).
+
+    ``model(input_ids=..., position_ids=..., **document_kwargs(batch))``: the
+    attention layers read the global document boundaries from them.
+    """
+    return {key: batch[key] for key in DOCUMENT_KWARGS if key in batch}
+
+
 def shard_batch(
     batch: Mapping[str, Any],
     *,
@@ -104,6 +141,8 @@ def shard_batch(
     rank: int | None = None,
     world_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    cu_seqlens: Any = None,
+    pack_padding: bool = False,
 ) -> dict[str, Any]:
     """This rank's shard of a batch of full sequences (sequence along dim 1).
 
@@ -116,8 +155,40 @@ def shard_batch(
       ``"shift_labels"``; ``"labels"`` is dropped so that no model shifts it again.
     * ``"position_ids"`` defaults to 0 … S-1; it comes back as each token's
       true position (shape (B, S_local) or as given).
-    * ``"attention_mask"`` may only be all ones (TokenRing attends to the
-      whole sequence; pack sequences instead of padding) and is dropped.
+    * ``"attention_mask"`` is dropped. Zeros in it (padding) are refused
+      unless ``pack_padding`` (below).
+
+    **Packed documents** (batch size 1; attention stays within each document)
+    are found in one of these, in this order:
+
+    * ``cu_seqlens``, or the batch's ``"cu_seq_lens_q"`` / ``"cu_seq_lens_k"``
+      (as transformers' ``DataCollatorWithFlattening`` returns them): global
+      boundaries ``[0, l1, l1+l2, ..., end]``; tokens after ``end`` are padding;
+    * ``"position_ids"`` that restart: a document starts wherever a position
+      is not its predecessor + 1 (the documents transformers' own sdpa and
+      eager masks find in such position ids).
+
+    For packed documents the labels are shifted within each document (the last
+    token of a document, and every padding token, gets ``ignore_index``), every
+    sequence tensor is sharded with these boundaries (``tokenring.shard(...,
+    cu_seqlens=...)``: with zigzag, tokens are placed per document so every
+    rank gets the same work), ``"position_ids"`` come back as positions within
+    each document (0, 1, ... from each boundary; given ones must be consecutive
+    within each document, and rotary embeddings only see differences, so no
+    attention score changes), and the result holds the model's attention
+    keyword arguments: ``"cu_seq_lens_q"`` and ``"cu_seq_lens_k"`` (the global
+    boundaries, int32, on the CPU: they are read on the host) and
+    ``"max_length_q"`` / ``"max_length_k"`` (the longest document). Pass them to
+    the model (`document_kwargs`). The full sequence length must divide by the
+    world size; no document length must divide by anything.
+
+    **Padding** (``pack_padding=True``; B >= 1, left or right padding, each
+    row's tokens contiguous): each row's tokens become one document (or
+    several, where its position ids restart), the rows are concatenated in
+    order and all padding tokens moved to the end. The result therefore has
+    batch size 1 and B * S tokens, of which the trailing padding sees nothing
+    and has ``ignore_index`` labels; use ``unshard(..., cu_seqlens=
+    result["cu_seq_lens_q"])`` to reassemble it in that packed order.
 
     ``rank`` and ``world_size`` default to this process's place in ``group``;
     pass them to shard without a process group (a data loader, a test).
@@ -134,27 +205,173 @@ def shard_batch(
     batch_size, seq_len = input_ids.shape
     full = dict(batch)
     mask = full.pop("attention_mask", None)
-    if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
-        raise ValueError(
-            "argument 'batch': 'attention_mask' has zeros (padding); sequence-parallel attention attends to "
-            "every token of the sequence: pack sequences to full length instead of padding"
-        )
+    if "labels" in full and "shift_labels" in full:
+        raise ValueError("argument 'batch': give 'labels' or 'shift_labels', not both")
+    bounds = _given_boundaries(full, cu_seqlens, seq_len)
+    padded = mask is not None and not bool(torch.as_tensor(mask).bool().all())
+    if padded:
+        if not pack_padding:
+            raise ValueError(
+                "argument 'batch': 'attention_mask' has zeros (padding); sequence-parallel attention takes no "
+                "padding mask: pass pack_padding=True to pack each row's tokens as one document of a single "
+                "row (batch size 1, B * S tokens, the padding moved to the end), or pack sequences yourself"
+            )
+        if bounds is not None:
+            raise ValueError("argument 'batch': give document boundaries (cu_seqlens) or a padding "
+                             "'attention_mask', not both")
+        full, bounds = _pack_padded_rows(full, torch.as_tensor(mask), batch_size, seq_len)
+        seq_len = batch_size * seq_len
+    elif bounds is None and full.get("position_ids") is not None:
+        bounds = _restarts(full["position_ids"], batch_size, seq_len)
+    elif bounds is not None and batch_size != 1:
+        raise ValueError(f"argument 'batch': packed documents (cu_seqlens) need batch size 1, got {batch_size}")
+    if bounds is None:
+        if "labels" in full:
+            full["shift_labels"] = shift_labels(full.pop("labels"), ignore_index=ignore_index)
+        if full.get("position_ids") is None:
+            full["position_ids"] = torch.arange(seq_len, device=input_ids.device).expand(batch_size, seq_len)
+        return _shard_entries(full, seq_len, rank, world_size, layout, None)
+
     if "labels" in full:
-        if "shift_labels" in full:
-            raise ValueError("argument 'batch': give 'labels' or 'shift_labels', not both")
-        full["shift_labels"] = shift_labels(full.pop("labels"), ignore_index=ignore_index)
-    if full.get("position_ids") is None:
-        full["position_ids"] = torch.arange(seq_len, device=input_ids.device).expand(batch_size, seq_len)
+        full["shift_labels"] = _shift_within_documents(full.pop("labels"), bounds, ignore_index)
+    elif padded and "shift_labels" in full:
+        full["shift_labels"] = full["shift_labels"].clone()
+        full["shift_labels"][:, bounds[-1]:] = ignore_index
+    given = full.get("position_ids")
+    if given is not None:
+        _check_consecutive_within_documents(given.expand(1, seq_len)[0], bounds)
+    full["position_ids"] = document_positions(seq_len, bounds, device=input_ids.device).unsqueeze(0)
+    sharded = _shard_entries(full, seq_len, rank, world_size, layout, bounds)
+    boundaries = torch.tensor(bounds, dtype=torch.int32)
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    sharded.update(cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries, max_length_q=longest, max_length_k=longest)
+    return sharded
+
+
+def _shard_entries(full: dict, seq_len: int, rank: int, world_size: int, layout: Layout,
+                   bounds: tuple[int, ...] | None) -> dict[str, Any]:
     sharded = {}
     for key, value in full.items():
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq_len:
             try:
-                sharded[key] = shard(value, rank, world_size, layout=layout, dim=1)
+                sharded[key] = shard(value, rank, world_size, layout=layout, dim=1, cu_seqlens=bounds)
             except ValueError as error:
                 raise ValueError(f"argument 'batch': entry {key!r}: {error}") from None
         else:
             sharded[key] = value
     return sharded
+
+
+def _as_boundaries(value: Any, what: str, seq_len: int) -> tuple[int, ...]:
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{what}: expected a 1-D int32 or int64 tensor, got {_describe(value)}")
+        values = value.tolist()
+    else:
+        values = list(value)
+    if (len(values) < 2 or values[0] != 0 or any(b <= a for a, b in zip(values, values[1:]))
+            or values[-1] > seq_len):
+        raise ValueError(f"{what}: expected document boundaries [0, l1, l1+l2, ...], strictly increasing and at "
+                         f"most the sequence length {seq_len}, got {values[:16]}")
+    return tuple(int(v) for v in values)
+
+
+def _given_boundaries(full: dict, cu_seqlens: Any, seq_len: int) -> tuple[int, ...] | None:
+    """The boundaries from ``cu_seqlens`` or the batch's flash-attention entries (removed from ``full``)."""
+    found: dict[str, tuple[int, ...]] = {}
+    if cu_seqlens is not None:
+        found["cu_seqlens"] = _as_boundaries(cu_seqlens, "argument 'cu_seqlens'", seq_len)
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        value = full.pop(key, None)
+        if value is not None:
+            found[key] = _as_boundaries(value, f"argument 'batch': entry {key!r}", seq_len)
+    for key in ("max_length_q", "max_length_k"):  # recomputed from the boundaries
+        full.pop(key, None)
+    if len(set(found.values())) > 1:
+        raise ValueError("argument 'batch': the document boundaries disagree: "
+                         + ", ".join(f"{k} = {list(v)[:8]}" for k, v in found.items()))
+    return next(iter(found.values()), None)
+
+
+def _restarts(position_ids: torch.Tensor, batch_size: int, seq_len: int) -> tuple[int, ...] | None:
+    """Documents where position ids restart (None for one run); only a batch of one row may restart."""
+    positions = torch.as_tensor(position_ids).expand(batch_size, seq_len)
+    breaks = positions[:, 1:] != positions[:, :-1] + 1
+    if not bool(breaks.any()):
+        return None
+    if batch_size != 1:
+        raise ValueError(
+            f"argument 'batch': 'position_ids' restart within a row of a batch of {batch_size} rows; packed "
+            f"documents need batch size 1: concatenate the rows, or mark padding in 'attention_mask' and pass "
+            f"pack_padding=True"
+        )
+    starts = (breaks[0].nonzero().flatten() + 1).tolist()
+    return (0, *starts, seq_len)
+
+
+def _pack_padded_rows(full: dict, mask: torch.Tensor, batch_size: int,
+                      seq_len: int) -> tuple[dict, tuple[int, ...]]:
+    """One packed row: each row's tokens (split where its position ids restart), then all padding."""
+    if mask.shape != (batch_size, seq_len):
+        raise ValueError(f"argument 'batch': 'attention_mask' must have the shape of 'input_ids' "
+                         f"{(batch_size, seq_len)}, got {tuple(mask.shape)}")
+    valid = mask.bool().cpu()
+    given = full.get("position_ids")
+    positions = None if given is None else torch.as_tensor(given).expand(batch_size, seq_len).cpu()
+    order, bounds = [], [0]
+    for row in range(batch_size):
+        tokens = valid[row].nonzero().flatten()
+        if not len(tokens):
+            continue
+        start, stop = int(tokens[0]), int(tokens[-1]) + 1
+        if stop - start != len(tokens):
+            raise ValueError(f"argument 'batch': row {row} of 'attention_mask' has padding between its tokens; "
+                             f"only left or right padding packs into documents")
+        starts = [start]
+        if positions is not None:
+            run = positions[row, start:stop]
+            starts += (start + 1 + (run[1:] != run[:-1] + 1).nonzero().flatten()).tolist()
+        for a, b in zip(starts, starts[1:] + [stop]):
+            bounds.append(bounds[-1] + b - a)
+        order.append(row * seq_len + torch.arange(start, stop))
+    if len(bounds) == 1:
+        raise ValueError("argument 'batch': 'attention_mask' marks every token as padding")
+    order.append((~valid).flatten().nonzero().flatten())
+    order = torch.cat(order)
+    packed = {}
+    for key, value in full.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == seq_len:
+            if key == "position_ids":
+                value = value.expand(batch_size, seq_len)
+            if value.shape[0] != batch_size:
+                raise ValueError(f"argument 'batch': entry {key!r} has {value.shape[0]} rows, 'input_ids' "
+                                 f"{batch_size}")
+            flat = value.reshape(1, batch_size * seq_len, *value.shape[2:])
+            packed[key] = flat.index_select(1, order.to(value.device))
+        else:
+            packed[key] = value
+    return packed, tuple(bounds)
+
+
+def _shift_within_documents(labels: torch.Tensor, bounds: tuple[int, ...], ignore_index: int) -> torch.Tensor:
+    """``shift_labels`` that never crosses a boundary: a document's last token and all padding are ignored."""
+    shifted = shift_labels(labels, ignore_index=ignore_index)
+    shifted[:, [b - 1 for b in bounds[1:]]] = ignore_index
+    shifted[:, bounds[-1]:] = ignore_index
+    return shifted
+
+
+def _check_consecutive_within_documents(positions: torch.Tensor, bounds: tuple[int, ...]) -> None:
+    steps = (positions[1:bounds[-1]] - positions[:bounds[-1] - 1]).cpu()
+    inside = torch.ones_like(steps, dtype=torch.bool)
+    inside[[b - 1 for b in bounds[1:-1]]] = False  # the step into the next document may be anything
+    broken = (inside & (steps != 1)).nonzero().flatten()
+    if len(broken):
+        token = int(broken[0]) + 1
+        raise ValueError(
+            f"argument 'batch': 'position_ids' jump at token {token}, inside a document of the boundaries "
+            f"{list(bounds)[:8]}; positions must be consecutive within each document"
+        )
 
 
 def _describe(value: Any) -> str:

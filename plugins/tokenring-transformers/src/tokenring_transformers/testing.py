@@ -1,4 +1,4 @@
-"""A small LlamaForCausalLM (random weights, no hub) and the tasks that run it sequence-parallel.
+"""Small LlamaForCausalLM and MistralForCausalLM models (random weights, no hub) and the tasks that run them sequence-parallel.
 
 Tasks are called on every rank of a `tokenring.tools.launch.LocalWorld` as
 ``task(rank, world_size, *args)``; tensors go back as bytes.
@@ -11,7 +11,7 @@ import io
 import torch
 
 from tokenring import sequence
-from tokenring.tools.tasks import to_bytes
+from tokenring.tools.tasks import from_bytes, to_bytes
 
 SMALL_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0)
@@ -24,6 +24,19 @@ def build_llama(seed: int, attn_implementation: str, state: bytes | None = None)
     config = LlamaConfig(**SMALL_LLAMA, attn_implementation=attn_implementation)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if state is not None:
+        model.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
+    return model
+
+
+def build_model(kind: str, seed: int, attn_implementation: str, state: bytes | None = None, **config):
+    """``kind`` "llama" or "mistral" from SMALL_LLAMA updated with ``config``; weights from ``seed`` or ``state``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "mistral": (MistralConfig, MistralForCausalLM)}[kind]
+    torch.manual_seed(seed)
+    model = model_class(config_class(**dict(SMALL_LLAMA, **config), attn_implementation=attn_implementation))
     if state is not None:
         model.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
     return model
@@ -60,39 +73,78 @@ def llama_step(rank: int, world_size: int, state: bytes, seed: int, batch: int, 
     }
 
 
+def sharded_step(rank: int, world_size: int, kind: str, state: bytes, config: dict, batch: dict,
+                 shard_options: dict | None = None, pass_documents: bool = True) -> dict:
+    """Forward and backward of a whole batch given to `shard_batch` (tensors as bytes) on this rank.
+
+    ``shard_options`` go to `shard_batch` (``pack_padding``, ``cu_seqlens``,
+    ``layout``); the model gets the result's position ids and, with
+    ``pass_documents``, its document keyword arguments. Returns the logits
+    shard, the loss, the summed gradients and the boundaries used.
+    """
+    import tokenring_transformers
+
+    shard_options = dict(shard_options or {})
+    name = tokenring_transformers.register(layout=shard_options.get("layout"))
+    model = build_model(kind, 0, name, state, **config)
+    full = {key: from_bytes(value) if isinstance(value, bytes) else value for key, value in batch.items()}
+    shard = sequence.shard_batch(full, **shard_options)
+    documents = sequence.document_kwargs(shard) if pass_documents else {}
+    logits = model(input_ids=shard["input_ids"], position_ids=shard["position_ids"], use_cache=False,
+                   **documents).logits
+    loss = sequence.causal_lm_loss(logits, shard["shift_labels"])
+    loss.backward()
+    sequence.all_reduce_gradients(model.parameters())
+    boundaries = shard.get("cu_seq_lens_q")
+    return {
+        "logits": to_bytes(logits),
+        "loss": loss.item(),
+        "grads": {n: to_bytes(p.grad) for n, p in model.named_parameters() if p.grad is not None},
+        "cu_seqlens": None if boundaries is None else boundaries.tolist(),
+    }
+
+
 def refused_forward(rank: int, world_size: int, seed: int, case: str, seq_len: int = 16) -> str:
     """A forward that asks for what TokenRing does not compute; it must raise on every rank.
 
-    ``case``: "padding" (a padding attention_mask on rank 0's shard only) or
-    "sliding-window" (a Mistral whose window is shorter than the sequence).
+    ``case``: "padding" (a padding attention_mask on rank 0's shard only),
+    "restarting positions" (position ids of packed documents without their
+    cu_seq_lens), "unequal boundaries" (cu_seq_lens_k differs from
+    cu_seq_lens_q on rank 1 only).
     """
     import tokenring_transformers
-    from transformers import MistralConfig, MistralForCausalLM
 
     name = tokenring_transformers.register()
+    model = build_llama(seed, name)
     ids = token_ids(seed, 1, seq_len)
-    shard = sequence.shard_batch({"input_ids": ids, "labels": ids})
-    arguments = {"input_ids": shard["input_ids"], "position_ids": shard["position_ids"], "use_cache": False}
+    positions = torch.cat([torch.arange(5), torch.arange(seq_len - 5)]).unsqueeze(0)
+    shard = sequence.shard_batch({"input_ids": ids, "labels": ids, "position_ids": positions})
+    arguments = {"input_ids": shard["input_ids"], "position_ids": shard["position_ids"], "use_cache": False,
+                 **sequence.document_kwargs(shard)}
     if case == "padding":
-        model = build_llama(seed, name)
         mask = torch.ones_like(shard["input_ids"])
         if rank == 0:
             mask[:, :2] = 0
         arguments["attention_mask"] = mask
+    elif case == "restarting positions":
+        for key in sequence.DOCUMENT_KWARGS:
+            del arguments[key]
+    elif case == "unequal boundaries":
+        if rank == 1:
+            arguments["cu_seq_lens_k"] = torch.tensor([0, 3, seq_len], dtype=torch.int32)
     else:
-        config = dict(SMALL_LLAMA, sliding_window=4)
-        torch.manual_seed(seed)
-        model = MistralForCausalLM(MistralConfig(**config, attn_implementation=name))
+        raise ValueError(f"unknown case {case!r}")
     model(**arguments)
     return "ran"
 
 
-def layer_call_costs(rank: int, world_size: int, seed: int, seq_len: int = 16) -> dict:
+def layer_call_costs(rank: int, world_size: int, seed: int, seq_len: int = 16, packed: bool = False) -> dict:
     """c10d operators and host syncs of the model's forward passes, after a first one.
 
     The second forward reuses the position-ids tensor, the third gets a new
     one (as each training step does). Counts come from a TorchDispatchMode
-    that sees inside TokenRing's operators (tokenring.testing.tasks).
+    that sees inside TokenRing's operators (tokenring.testing.tasks). With
+    ``packed`` the batch holds three documents, given as cu_seq_lens.
     """
     import tokenring_transformers
     from tokenring.testing.tasks import count_ops
@@ -100,9 +152,13 @@ def layer_call_costs(rank: int, world_size: int, seed: int, seq_len: int = 16) -
     name = tokenring_transformers.register()
     model = build_llama(seed, name)
     ids = token_ids(seed, 1, seq_len)
-    shard = sequence.shard_batch({"input_ids": ids, "labels": ids})
+    full = {"input_ids": ids, "labels": ids}
+    if packed:
+        full["cu_seq_lens_q"] = full["cu_seq_lens_k"] = torch.tensor([0, 3, 10, seq_len], dtype=torch.int32)
+    shard = sequence.shard_batch(full)
     arguments = {"input_ids": shard["input_ids"], "position_ids": shard["position_ids"],
-                 "attention_mask": torch.ones_like(shard["input_ids"]), "use_cache": False}
+                 "attention_mask": torch.ones_like(shard["input_ids"]), "use_cache": False,
+                 **sequence.document_kwargs(shard)}
     model(**arguments)
     costs = {}
     for case in ("same positions", "new positions"):
