@@ -57,7 +57,7 @@ def make_attention_function(
     *,
     group: Any = None,
     layout: str | None = None,
-    algorithm: str = "tokenring",
+    algorithm: str = "auto",
     backend: str | None = None,
     check_inputs: bool = True,
 ) -> Callable[..., tuple[torch.Tensor, None]]:
