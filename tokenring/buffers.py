@@ -116,6 +116,13 @@ class Holdings:
             self._in_flight.append(message)
         return message
 
+    def send_packed(self, payload: Payload, span: Span, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A message packed from tensors this rank does not hold as pieces (its accumulator), freed after the wait."""
+        message = self.pack(payload, span, tensors)
+        if len(tensors) > 1:
+            self._in_flight.append(message)
+        return message
+
     def step_waited(self) -> None:
         """The step's sends are complete: their packing buffers and the results they carried are free."""
         for buffer in self._in_flight:

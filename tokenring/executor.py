@@ -32,13 +32,17 @@ class Executor:
         self.agreement = Agreement()  # what the ranks of this comm last agreed on (tokenring.agreement)
         self.auto_choice = None  # the last algorithm="auto" choice on this comm (tokenring.planner.Choice)
 
-    def forward(self, plan: Plan, q, k, v, *, scale: float, timeout_s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, plan: Plan, q, k, v, *, scale: float, timeout_s: float,
+                keys_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse) of this rank's queries.
+
+        ``keys_checked``: k is known to be all finite or all NaN (a KV cache whose rows went through
+        `tokenring.finite.nan_if_not_finite` as they were appended), so it is not read and copied again.
 
         Raises `PeerAborted` when a peer sent a marker instead of a message
         (see `tokenring.agreement`), after playing the rest of the plan with markers.
         """
-        return _ForwardRun(self, plan, q, k, v, scale).run(timeout_s)
+        return _ForwardRun(self, plan, q, k, v, scale, keys_checked).run(timeout_s)
 
     def stop_agreed_call(self, call: AgreedCall, *, timeout_s: float) -> None:
         """Play ``call``'s plan with markers, so that peers running it stop and join the agreement."""
@@ -107,7 +111,7 @@ class _Run:
         executor.pool.keep_only_for((self.shape, self.dtype, self.device))
         self.held = Holdings(executor.pool, self.shape, self.dtype, self.acc_dtype, self.device)
         self.local_kv = (k, v)
-        if plan.causal and k.shape[1] != q.shape[1]:
+        if plan.causal and plan.tokens is None and k.shape[1] != q.shape[1]:
             # The kernel aligns a causal mask to each block's bottom-right corner; spans of shards of
             # different lengths would place it elsewhere than the plan's proof assumes.
             raise ValueError(f"a causal plan needs keys/values as long as the queries per rank, got "
@@ -167,7 +171,7 @@ class _Run:
         started = self.trace.clock()
         exchange = _Exchange()
         for channel in (Channel.QUERY, Channel.PARTIAL):
-            sends = [Send(t.dst, self.held.outgoing(t)) for t in step.transfers
+            sends = [Send(t.dst, self._outgoing(t)) for t in step.transfers
                      if t.src == self.rank and t.payload.channel is channel]
             recvs = []
             for t in step.transfers:
@@ -181,6 +185,9 @@ class _Run:
         if exchange.handles:
             self.trace.posted(step, self.rank, started, exchange.sent, [b for _, b in exchange.received])
         return exchange
+
+    def _outgoing(self, t: Transfer) -> torch.Tensor:
+        return self.held.outgoing(t)
 
     def _wait(self, exchange: _Exchange, timeout_s: float) -> None:
         started = self.trace.clock()
@@ -218,9 +225,8 @@ class _Run:
         if block.mask is not Mask.TOKENS:
             return block.mask
         assert self.plan.tokens is not None
-        length = self.shape.seq_local
-        return cached_position_mask(self.plan.tokens, block.q_owner, block.q_span.row_range(length),
-                                    block.kv_owner, block.kv_span.row_range(length), self.device)
+        return cached_position_mask(self.plan.tokens, block.q_owner, block.q_span.row_range(self.shape.seq_local),
+                                    block.kv_owner, block.kv_span.row_range(self.shape.kv_seq), self.device)
 
     def _compute(self, block: Block) -> None:
         raise NotImplementedError
@@ -233,9 +239,11 @@ class _Run:
 
 
 class _ForwardRun(_Run):
-    def __init__(self, executor, plan, q, k, v, scale):
+    def __init__(self, executor, plan, q, k, v, scale, keys_checked=False):
         # A NaN or infinity in q or k turns all of it into NaN (tokenring.finite): never a finite wrong answer.
-        q, k = nan_if_not_finite(q), nan_if_not_finite(k)
+        q = nan_if_not_finite(q)
+        if not keys_checked:
+            k = nan_if_not_finite(k)
         super().__init__(executor, plan, q, k, v, scale)
         # Only the forward is stopped by markers: the backward runs a call the ranks already agreed on.
         self.watch_markers = markers_readable(self.comm)
@@ -279,8 +287,17 @@ class _ForwardRun(_Run):
                 merge_partial_(narrow(pending["out"], rows, 1), narrow(pending["lse"], rows, 2), out, lse)
         self.trace.add(timeline.MERGE, self.step_index, merged, local=block.q_owner == self.rank)
 
+    def _outgoing(self, t: Transfer) -> torch.Tensor:
+        if t.payload is not Payload.MERGED:
+            return self.held.outgoing(t)
+        # Replicated queries: this rank's result so far, as it stood when the step began.
+        if self.acc_out is None or self.acc_lse is None:
+            raise RuntimeError(f"plan error: rank {self.rank} sends a merged result before computing any")
+        return self.held.send_packed(t.payload, t.span, {"out": narrow(self.acc_out, t.span, 1),
+                                                         "lse": narrow(self.acc_lse, t.span, 2)})
+
     def _arrive(self, t: Transfer, buffer: torch.Tensor) -> None:
-        if t.payload is Payload.PARTIAL:
+        if t.payload in (Payload.PARTIAL, Payload.MERGED):
             sections = self.held.unpack(t.payload, t.span, buffer)
             self._accumulate(sections["out"], sections["lse"], t.span)
             self.held.pool.give(buffer)
@@ -383,7 +400,7 @@ def _release_schedule(plan: Plan, rank: int, query_payload: Payload) -> dict[int
             if block.kv_owner != rank:
                 last_use[(Payload.KEY_VALUE, block.kv_owner)] = step.index
         for t in step.transfers:
-            if t.src == rank and t.payload not in RESULTS:
+            if t.src == rank and t.payload not in RESULTS and t.payload is not Payload.MERGED:
                 last_use[(t.payload, t.owner)] = max(step.index, last_use.get((t.payload, t.owner), -1))
     schedule: dict[int, list[Key]] = {}
     for key, index in last_use.items():

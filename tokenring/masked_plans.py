@@ -40,13 +40,26 @@ def _span(rows: tuple[int, int], length: int) -> Span:
 
 
 def _masked_blocks(block: Block, tokens: TokenMask) -> list[Block]:
-    """The parts of ``block`` where the mask lets something through: one per pair of document segments that meet."""
-    length = tokens.rows_per_rank
-    pieces = visible_rectangles(tokens, block.q_owner, block.q_span.row_range(length), block.kv_owner,
-                                block.kv_span.row_range(length))
-    return [dataclasses.replace(block, q_span=_span(q_rows, length), kv_span=_span(kv_rows, length),
+    """The parts of ``block`` where the mask lets something through: one per pair of document segments that meet.
+
+    Fully visible parts of the same query rows whose key rows touch are one
+    part (a query segment against many earlier runs of keys, as against a
+    cache filled chunk by chunk).
+    """
+    q_length, kv_length = tokens.rows_per_rank, tokens.kv_rows_per_rank
+    pieces = visible_rectangles(tokens, block.q_owner, block.q_span.row_range(q_length), block.kv_owner,
+                                block.kv_span.row_range(kv_length))
+    merged: list[tuple[tuple[int, int], tuple[int, int], bool]] = []
+    for q_rows, kv_rows, full in pieces:
+        if merged:
+            last_q, last_kv, last_full = merged[-1]
+            if full and last_full and last_q == q_rows and last_kv[1] == kv_rows[0]:
+                merged[-1] = (q_rows, (last_kv[0], kv_rows[1]), True)
+                continue
+        merged.append((q_rows, kv_rows, full))
+    return [dataclasses.replace(block, q_span=_span(q_rows, q_length), kv_span=_span(kv_rows, kv_length),
                                 mask=Mask.NONE if full else Mask.TOKENS)
-            for q_rows, kv_rows, full in pieces]
+            for q_rows, kv_rows, full in merged]
 
 
 def mask_plan(plan: Plan, tokens: TokenMask) -> Plan:
@@ -55,9 +68,9 @@ def mask_plan(plan: Plan, tokens: TokenMask) -> Plan:
         raise ValueError(f"mask_plan takes a forward plan of full attention, got {plan.describe()[:80]}")
     if tokens.world_size != plan.world_size:
         raise ValueError(f"token mask for {tokens.world_size} ranks, plan for {plan.world_size}")
-    length = tokens.rows_per_rank
-    if length % plan.granularity:
-        raise ValueError(f"{length} rows per rank do not split into the plan's {plan.granularity} pieces")
+    for length in {tokens.rows_per_rank, tokens.kv_rows_per_rank}:
+        if length % plan.granularity:
+            raise ValueError(f"{length} rows per rank do not split into the plan's {plan.granularity} pieces")
 
     # 1. blocks
     blocks_per_step = [[_masked_blocks(b, tokens) for b in step.blocks] for step in plan.steps]
@@ -126,12 +139,12 @@ def check_masked_plan(plan: Plan) -> None:
     tokens = plan.tokens
     if tokens is None:
         raise ValueError("check_masked_plan needs a masked plan")
-    length = tokens.rows_per_rank
+    q_length, kv_length = tokens.rows_per_rank, tokens.kv_rows_per_rank
     rectangles: dict[tuple[int, int], list[tuple[tuple[int, int], tuple[int, int]]]] = {}
     counted: dict[tuple[int, int], int] = {}
     for step in plan.steps:
         for b in step.blocks:
-            q_rows, kv_rows = b.q_span.row_range(length), b.kv_span.row_range(length)
+            q_rows, kv_rows = b.q_span.row_range(q_length), b.kv_span.row_range(kv_length)
             key = (b.q_owner, b.kv_owner)
             seen = visibility(tokens, b.q_owner, q_rows, b.kv_owner, kv_rows)
             if b.mask is Mask.NONE and not seen.full:
@@ -143,7 +156,7 @@ def check_masked_plan(plan: Plan) -> None:
             counted[key] = counted.get(key, 0) + seen.entries
     for q_owner in range(tokens.world_size):
         for kv_owner in range(tokens.world_size):
-            required = visibility(tokens, q_owner, (0, length), kv_owner, (0, length)).entries
+            required = visibility(tokens, q_owner, (0, q_length), kv_owner, (0, kv_length)).entries
             got = counted.get((q_owner, kv_owner), 0)
             if got != required:
                 raise PlanError(f"queries of rank {q_owner} x keys of rank {kv_owner}: the plan computes "

@@ -34,11 +34,31 @@ Runs = tuple[tuple[int, int], ...]  # sorted, disjoint [start, stop) runs of glo
 
 @dataclass(frozen=True)
 class TokenMask:
+    """Which global tokens each rank holds, and what each query token may see.
+
+    ``runs[r]`` are the positions of rank r's query rows, and of its key/value
+    rows too unless ``kv_runs`` says otherwise: with ``kv_runs`` the queries of
+    a call and its keys/values are different tokens (new tokens against a
+    cache, `tokenring.inference`). Every rank holds as many query rows as
+    every other, and as many key/value rows; positions are unique per side
+    and below ``seq_len``.
+    """
+
     seq_len: int
-    runs: tuple[Runs, ...]        # runs[r]: the global positions rank r holds, in local row order
+    runs: tuple[Runs, ...]        # runs[r]: the global positions of rank r's query rows, in local row order
     boundaries: tuple[int, ...]   # [0, l1, l1+l2, ..., end]; tokens from end to seq_len are padding
     causal: bool
     window: tuple[int, int] | None = None  # (left, right), -1 unbounded on that side
+    kv_runs: tuple[Runs, ...] | None = None  # rank r's key/value rows; None: the same tokens as its queries
+
+    def __post_init__(self) -> None:
+        if self.kv_runs is not None:
+            if len(self.kv_runs) != len(self.runs):
+                raise ValueError(f"kv_runs for {len(self.kv_runs)} ranks, runs for {len(self.runs)}")
+            for name, all_runs in (("runs", self.runs), ("kv_runs", self.kv_runs)):
+                lengths = {_run_length(r) for r in all_runs}
+                if len(lengths) > 1:
+                    raise ValueError(f"every rank must hold as many rows of {name}, got {sorted(lengths)}")
 
     @property
     def world_size(self) -> int:
@@ -46,7 +66,21 @@ class TokenMask:
 
     @property
     def rows_per_rank(self) -> int:
-        return self.seq_len // self.world_size
+        """Query rows per rank."""
+        if self.kv_runs is None:
+            return self.seq_len // self.world_size
+        return _run_length(self.runs[0]) if self.runs else 0
+
+    @property
+    def kv_rows_per_rank(self) -> int:
+        """Key/value rows per rank."""
+        if self.kv_runs is None:
+            return self.rows_per_rank
+        return _run_length(self.kv_runs[0]) if self.kv_runs else 0
+
+    @property
+    def key_runs(self) -> tuple[Runs, ...]:
+        return self.runs if self.kv_runs is None else self.kv_runs
 
     def describe(self) -> str:
         documents = len(self.boundaries) - 1
@@ -66,8 +100,16 @@ class TokenMask:
         return _positions(self, rank)
 
     def documents(self, rank: int) -> np.ndarray:
-        """Document index of each of ``rank``'s rows; -1 for padding."""
+        """Document index of each of ``rank``'s query rows; -1 for padding."""
         return _documents(self, rank)
+
+    def kv_positions(self, rank: int) -> np.ndarray:
+        """Global positions of ``rank``'s key/value rows."""
+        return _kv_tables(self)[0][rank] if self.kv_runs is not None else _positions(self, rank)
+
+    def kv_documents(self, rank: int) -> np.ndarray:
+        """Document index of each of ``rank``'s key/value rows; -1 for padding."""
+        return _kv_tables(self)[1][rank] if self.kv_runs is not None else _documents(self, rank)
 
     def limits(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """(low, high): the global positions each of ``rank``'s query rows may see, inclusive."""
@@ -78,7 +120,7 @@ class TokenMask:
         """For each query row of the rectangle: (first visible key row, how many), keys local to the span."""
         low, high = self.limits(q_owner)
         low, high = low[q_rows[0]:q_rows[1]], high[q_rows[0]:q_rows[1]]
-        keys = self.positions(kv_owner)[kv_rows[0]:kv_rows[1]]
+        keys = self.kv_positions(kv_owner)[kv_rows[0]:kv_rows[1]]
         first = np.searchsorted(keys, low, side="left")
         stop = np.searchsorted(keys, high, side="right")
         return first, np.maximum(stop - first, 0)
@@ -91,9 +133,9 @@ class TokenMask:
 
         return PositionMask(
             q_positions=on_device(self.positions(q_owner)[q_rows[0]:q_rows[1]]),
-            k_positions=on_device(self.positions(kv_owner)[kv_rows[0]:kv_rows[1]]),
+            k_positions=on_device(self.kv_positions(kv_owner)[kv_rows[0]:kv_rows[1]]),
             q_documents=on_device(self.documents(q_owner)[q_rows[0]:q_rows[1]]),
-            k_documents=on_device(self.documents(kv_owner)[kv_rows[0]:kv_rows[1]]),
+            k_documents=on_device(self.kv_documents(kv_owner)[kv_rows[0]:kv_rows[1]]),
             causal=self.causal,
             window=self.window,
         )
@@ -131,10 +173,36 @@ def rows_to_span_bounds(rows: tuple[int, int], length: int) -> tuple[Fraction, F
 
 # -- per-rank tables, computed once per mask (the mask is hashable plan data) --
 
+def _run_length(runs: Runs) -> int:
+    return sum(b - a for a, b in runs)
+
+
+def _runs_positions(all_runs: tuple[Runs, ...]) -> tuple[np.ndarray, ...]:
+    return tuple(np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs]) if runs
+                 else np.zeros(0, dtype=np.int64) for runs in all_runs)
+
+
+def _runs_documents(mask: TokenMask, positions: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    bounds = np.asarray(mask.boundaries, dtype=np.int64)
+    tables = []
+    for rank_positions in positions:
+        document = np.searchsorted(bounds, rank_positions, side="right") - 1
+        document[rank_positions >= mask.boundaries[-1]] = -1
+        tables.append(document)
+    return tuple(tables)
+
+
 @functools.lru_cache(maxsize=256)
 def _positions_table(mask: TokenMask) -> tuple[np.ndarray, ...]:
-    return tuple(np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs]) if runs
-                 else np.zeros(0, dtype=np.int64) for runs in mask.runs)
+    return _runs_positions(mask.runs)
+
+
+@functools.lru_cache(maxsize=256)
+def _kv_tables(mask: TokenMask) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """(positions, documents) of each rank's key/value rows, for a mask with ``kv_runs``."""
+    assert mask.kv_runs is not None
+    positions = _runs_positions(mask.kv_runs)
+    return positions, _runs_documents(mask, positions)
 
 
 def _positions(mask: TokenMask, rank: int) -> np.ndarray:
@@ -143,14 +211,7 @@ def _positions(mask: TokenMask, rank: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def _documents_table(mask: TokenMask) -> tuple[np.ndarray, ...]:
-    bounds = np.asarray(mask.boundaries, dtype=np.int64)
-    tables = []
-    for rank in range(mask.world_size):
-        positions = _positions(mask, rank)
-        document = np.searchsorted(bounds, positions, side="right") - 1
-        document[positions >= mask.boundaries[-1]] = -1
-        tables.append(document)
-    return tuple(tables)
+    return _runs_documents(mask, _positions_table(mask))
 
 
 def _documents(mask: TokenMask, rank: int) -> np.ndarray:
@@ -281,9 +342,18 @@ class Segment:
 
 @functools.lru_cache(maxsize=256)
 def _segments_table(mask: TokenMask) -> tuple[tuple[Segment, ...], ...]:
+    return _runs_segments(mask, mask.runs)
+
+
+@functools.lru_cache(maxsize=256)
+def _kv_segments_table(mask: TokenMask) -> tuple[tuple[Segment, ...], ...]:
+    return _runs_segments(mask, mask.key_runs)
+
+
+def _runs_segments(mask: TokenMask, all_runs: tuple[Runs, ...]) -> tuple[tuple[Segment, ...], ...]:
     bounds = mask.boundaries
     tables = []
-    for runs in mask.runs:
+    for runs in all_runs:
         segments, row = [], 0
         for start, stop in runs:
             position = start
@@ -307,7 +377,15 @@ def _bisect_right(values: tuple[int, ...], x: int) -> int:
 
 
 def segments(mask: TokenMask, rank: int) -> tuple[Segment, ...]:
+    """The segments of ``rank``'s query rows."""
     return _segments_table(mask)[rank]
+
+
+def kv_segments(mask: TokenMask, rank: int) -> tuple[Segment, ...]:
+    """The segments of ``rank``'s key/value rows."""
+    if mask.kv_runs is None:
+        return _segments_table(mask)[rank]
+    return _kv_segments_table(mask)[rank]
 
 
 def visible_rectangles(mask: TokenMask, q_owner: int, q_rows: tuple[int, int], kv_owner: int,
@@ -322,7 +400,7 @@ def visible_rectangles(mask: TokenMask, q_owner: int, q_rows: tuple[int, int], k
     left, right = mask.window if mask.window is not None else (-1, -1)
     bounds = mask.boundaries
     by_document: dict[int, list[tuple[int, int, int]]] = {}  # document -> (first row, first position, length)
-    for seg in segments(mask, kv_owner):
+    for seg in kv_segments(mask, kv_owner):
         first, stop = max(seg.row, kv_rows[0]), min(seg.row + seg.length, kv_rows[1])
         if seg.document >= 0 and first < stop:
             by_document.setdefault(seg.document, []).append((first, seg.position + first - seg.row, stop - first))
@@ -363,3 +441,15 @@ def visible_rectangles(mask: TokenMask, q_owner: int, q_rows: tuple[int, int], k
             pieces.append(((q_row0 + i_first - p0, q_row0 + i_last - p0 + 1),
                            (k_row0 + j_first - k0, k_row0 + j_last - k0 + 1), full))
     return pieces
+
+
+def clear_tables() -> None:
+    """Forget every mask's per-rank tables and kernel masks.
+
+    They are cached per mask, which suits training (the same masks come
+    back); a KV cache makes a new mask for every prefill chunk, each with
+    tables as long as the cache, so `tokenring.inference` drops the old ones.
+    """
+    for cached in (_positions_table, _kv_tables, _documents_table, _limits_table, cached_position_mask,
+                   _segments_table, _kv_segments_table):
+        cached.cache_clear()

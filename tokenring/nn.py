@@ -160,7 +160,12 @@ class TokenRingAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, **factory)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias, **factory)
 
-    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None, *,
+                cache: Any = None, layer: int | None = None) -> torch.Tensor:
+        """With ``cache`` (a `tokenring.inference.ShardedKVCache`) the rows are the current chunk's new
+        tokens on this rank (`Chunk.shard`; decode: the new token on every rank): their keys/values go into
+        ``layer`` of the cache and they attend causally to everything cached. ``position_ids`` default to
+        the chunk's positions."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"argument 'hidden_states': expected (B, S_local, {self.hidden_size}), got shape "
@@ -170,12 +175,30 @@ class TokenRingAttention(nn.Module):
         q = self.q_proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, seq, self.num_kv_heads, self.head_dim)
+        if cache is not None:
+            out = self._attend_with_cache(q, k, v, position_ids, cache, layer)
+            return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
         out = token_ring_attention(
             q, k, v, causal=self.causal, position_ids=position_ids, rope_base=self.rope_base,
             softmax_scale=self.softmax_scale, group=self.group, layout=self.layout, algorithm=self.algorithm,
             backend=self.backend,
         )
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
+
+    def _attend_with_cache(self, q, k, v, position_ids, cache, layer) -> torch.Tensor:
+        from .inference import attend_with_cache
+
+        if not self.causal:
+            raise ValueError("a KV cache needs causal attention (TokenRingAttention(causal=True))")
+        if layer is None:
+            raise ValueError("argument 'layer': required with a cache (which of its layers this module is)")
+        if self.rope_base is not None:
+            if position_ids is None:
+                position_ids = cache.chunk.positions(device=q.device)
+            q = apply_rotary(q, position_ids, base=self.rope_base)
+            k = apply_rotary(k, position_ids, base=self.rope_base)
+        return attend_with_cache(q, k, v, cache, layer=layer, algorithm=self.algorithm,
+                                 softmax_scale=self.softmax_scale)
 
     def extra_repr(self) -> str:
         return (

@@ -117,10 +117,12 @@ class Payload(str, enum.Enum):
     GRAD_QUERY = "grad_query"  # (q, dout, out, lse) of the owner, packed together
     GRAD_PARTIAL = "grad_partial"  # dq of the owner's queries from one block
     GRAD_KEY_VALUE = "grad_key_value"  # (dk, dv) of the owner, summed over the holders so far
+    # replicated queries (Plan.replicated_queries): every rank holds the same queries
+    MERGED = "merged"          # (out, lse) of the sender's queries, merged over all it has computed and received
 
     @property
     def channel(self) -> Channel:
-        results = (Payload.PARTIAL, Payload.GRAD_PARTIAL, Payload.GRAD_KEY_VALUE)
+        results = (Payload.PARTIAL, Payload.GRAD_PARTIAL, Payload.GRAD_KEY_VALUE, Payload.MERGED)
         return Channel.PARTIAL if self in results else Channel.QUERY
 
     @property
@@ -213,7 +215,7 @@ class ProblemShape:
             return (Section("q", rows, False, 1),)
         if payload is Payload.KEY_VALUE:
             return (Section("kv", key_value, False, 2),)
-        if payload is Payload.PARTIAL:
+        if payload in (Payload.PARTIAL, Payload.MERGED):
             return (Section("out", rows, False, 1), lse)
         if payload is Payload.GRAD_QUERY:
             return (
@@ -253,6 +255,9 @@ class Plan:
     backward: bool = False  # the gradient pass of the same schedule
     tokens: "TokenMask | None" = None  # packed documents, window or padding (tokenring.masks); blocks masked TOKENS
     note: str = field(default="", compare=False)  # the builder's word on this instance, e.g. its direction
+    # Every rank holds the same queries (decode: each rank runs the model on the new token); results are
+    # merged with `Payload.MERGED` messages and every rank ends with the output (tokenring.replicated).
+    replicated_queries: bool = False
 
     @property
     def granularity(self) -> int:
@@ -277,6 +282,7 @@ class Plan:
         header = (
             f"{self.algorithm} plan, {self.layout.value} layout, {'causal' if self.causal else 'non-causal'}, "
             f"N={self.world_size}{', backward' if self.backward else ''}"
+            f"{', replicated queries' if self.replicated_queries else ''}"
             f"{', ' + self.tokens.describe() if self.tokens is not None else ''}"
         )
         lines = [header + (f" ({self.note})" if self.note else "")]
@@ -319,6 +325,8 @@ class Plan:
             "algorithm": self.algorithm, "layout": self.layout.value, "causal": self.causal,
             "world_size": self.world_size, "backward": self.backward, "note": self.note, "steps": steps,
         }
+        if self.replicated_queries:
+            data["replicated_queries"] = True
         if self.tokens is not None:
             data["tokens"] = self.tokens.describe()
         if shape is not None:

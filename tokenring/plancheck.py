@@ -13,6 +13,7 @@ one, is checked in milliseconds.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections import Counter, defaultdict
@@ -39,6 +40,7 @@ class _Atoms:
         self.tokens = plan.tokens
         if self.tokens is not None:  # a masked plan: one atom per row, numbered by global position
             self.per_rank = self.tokens.rows_per_rank
+            self.kv_per_rank = self.tokens.kv_rows_per_rank  # keys/values may be other tokens (a cache)
             return
         self.chunks = [rank_chunks(plan.layout, r, self.n) for r in range(self.n)]
         per_rank = len(self.chunks[0])
@@ -50,6 +52,13 @@ class _Atoms:
     def of(self, owner: int, span: Span) -> list[int]:
         first, count = span.rows(self.per_rank)
         return [self._global(owner, i) for i in range(first, first + count)]
+
+    def kv_of(self, owner: int, span: Span) -> list[int]:
+        """The atoms of a span of ``owner``'s keys/values: as `of`, but for a mask's own key/value tokens."""
+        if self.tokens is None or self.tokens.kv_runs is None:
+            return self.of(owner, span)
+        first, count = span.rows(self.kv_per_rank)
+        return [int(p) for p in self.tokens.kv_positions(owner)[first:first + count]]
 
     def _global(self, owner: int, local: int) -> int:
         if self.tokens is not None:
@@ -65,7 +74,7 @@ def block_pairs(plan: Plan, block: Block, atoms: _Atoms | None = None) -> list[P
     """The (query atom, key atom, how) pairs one block computes."""
     atoms = atoms or _Atoms(plan)
     q_atoms = atoms.of(block.q_owner, block.q_span)
-    kv_atoms = atoms.of(block.kv_owner, block.kv_span)
+    kv_atoms = atoms.kv_of(block.kv_owner, block.kv_span)
     if block.mask is Mask.NONE:
         return [(qa, ka, FULL) for qa in q_atoms for ka in kv_atoms]
     if block.mask is Mask.TOKENS:
@@ -100,8 +109,10 @@ def required_pairs(plan: Plan, atoms: _Atoms | None = None) -> Counter:
     pairs: Counter = Counter()
     if plan.tokens is not None:
         allowed = _allowed_atoms(plan)
-        for qa in range(total):
-            for ka in range(total):
+        q_atoms = [qa for r in range(atoms.n) for qa in atoms.of(r, ALL)]
+        kv_atoms = [ka for r in range(atoms.n) for ka in atoms.kv_of(r, ALL)]
+        for qa in q_atoms:
+            for ka in kv_atoms:
                 if allowed[qa][ka]:
                     pairs[(qa, ka, FULL)] += 1
         return pairs
@@ -135,14 +146,30 @@ class _Holdings:
         self._held[rank].setdefault((payload, owner), []).append(span)
 
 
-def check_plan(plan: Plan) -> None:
+def check_plan(plan: Plan, method: str = "auto") -> None:
     """Raise PlanError with the first thing the plan gets wrong.
 
     Forward plans: every query atom's output covers every visible key atom
     exactly once. Backward plans, in addition: every key atom's dk/dv
     receives each visible query atom's contribution exactly once, and the
     travelling dk/dv sums end at their owners.
+
+    ``method``: "atoms" follows every (query atom, key atom) pair; "spans"
+    follows rectangles of rows (`_check_spans`, for plans whose blocks are
+    unmasked or causal diagonal blocks of their own rank, without a token
+    mask; others fall back to atoms); "auto" uses atoms for plans of at most
+    `_ATOMS_UP_TO` atoms in all and spans above, where they apply.
     """
+    if method not in ("auto", "atoms", "spans"):
+        raise ValueError(f"method must be 'auto', 'atoms' or 'spans', got {method!r}")
+    if plan.replicated_queries:  # every rank holds the same queries: proven by tokenring.replicated
+        from .replicated import check_replicated_plan
+
+        return check_replicated_plan(plan)
+    if method != "atoms":
+        grid = _span_grid(plan)
+        if grid is not None and (method == "spans" or plan.world_size * grid[0] > _ATOMS_UP_TO):
+            return _check_spans(plan, *grid)
     n = plan.world_size
     atoms = _Atoms(plan)
     query, result = _QUERY[plan.backward], _RESULT[plan.backward]
@@ -177,7 +204,7 @@ def check_plan(plan: Plan) -> None:
             elif t.payload is Payload.GRAD_KEY_VALUE and plan.backward:
                 # A rank may hold sums for several pieces of one owner's keys; a message takes those in its span.
                 held_sums = travelling_kv[t.src].get(t.owner, [])
-                allowed = set(atoms.of(t.owner, t.span))
+                allowed = set(atoms.kv_of(t.owner, t.span))
                 pairs = [p for p in held_sums if p[1] in allowed]
                 if not pairs:
                     raise PlanError(f"{where}: rank {t.src} sends dk/dv for rank {t.owner}.{t.span} it does not hold")
@@ -232,7 +259,7 @@ def check_plan(plan: Plan) -> None:
 def _check_coverage(plan: Plan, atoms: _Atoms, covered: list[list[Pair]], what: str, index: int) -> None:
     got: Counter = Counter()
     for owner, pairs in enumerate(covered):
-        mine = set(atoms.of(owner, ALL))
+        mine = set(atoms.of(owner, ALL) if index == 0 else atoms.kv_of(owner, ALL))
         for pair in pairs:
             if pair[index] not in mine:
                 raise PlanError(f"rank {owner} received a result for {what} atom {pair[index]}, which it does not own")
@@ -250,3 +277,327 @@ def work_per_rank(plan: Plan) -> list[list[float]]:
         [float(sum(b.work for b in step.blocks_of(r))) for r in range(plan.world_size)]
         for step in plan.steps
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same proof on spans: for plans too large to cut into atom pairs.
+#
+# `check_plan` above follows every (query atom, key atom) pair: O((N * atoms)^2), minutes at N = 64. When every
+# block is unmasked or the causal diagonal block of its own rank (all that the registered schedules build, and
+# no token mask), the same walk can follow rectangles instead: each block covers, for one (query owner, key
+# owner), the rows [qa, qb) x [ka, kb) of the two shards on the plan's atom grid (a causal diagonal block the
+# triangle of [a, b) under its diagonal). Results carry rectangles home; dK/dV sums are cut to a message's rows.
+# At the end, for every (query owner, key owner), the rectangles that reached each owner must tile what the
+# layout lets those queries see, once: a sweep over query rows checks that, at each run of rows, the key
+# intervals of the rectangles there chain from row 0 to the last visible key row without gap or overlap. The
+# diagonal blocks of a causal plan must tile the diagonal of their rank once, and the unmasked rectangles of that
+# rank with itself then see only keys before the diagonal block of their rows. `tests/test_plan_scale.py` checks
+# that both proofs agree on every registered schedule and on plans broken on purpose.
+
+_ATOMS_UP_TO = 128  # plans with at most this many atoms in all are proven pair by pair (`_check_atoms`)
+
+
+def _span_grid(plan: Plan) -> tuple[int, dict[int, tuple[int, int]]] | None:
+    """(atoms per rank, {id(span): (first atom, stop atom)}) when the span proof applies to ``plan``, else None."""
+    if plan.tokens is not None or getattr(plan, "replicated_queries", False):
+        return None
+    n = plan.world_size
+    chunks = [rank_chunks(plan.layout, r, n) for r in range(n)]
+    if any(list(c) != sorted(c) or len(c) != len(chunks[0]) for c in chunks):
+        return None
+    spans: dict[int, Span] = {}
+    for step in plan.steps:
+        for b in step.blocks:
+            if b.mask is not Mask.NONE and not (
+                b.mask is Mask.CAUSAL and b.rank == b.q_owner == b.kv_owner
+                and (b.q_span is b.kv_span or b.q_span == b.kv_span)
+            ):
+                return None  # token masks, or a causal block the atom proof must judge
+            spans[id(b.q_span)] = b.q_span
+            spans[id(b.kv_span)] = b.kv_span
+        for t in step.transfers:
+            spans[id(t.span)] = t.span
+    per_rank = math.lcm(len(chunks[0]) if chunks else 1, *{s.denominator for s in spans.values()})
+    rows = {}
+    for key, s in spans.items():
+        rows[key] = (s.start.numerator * (per_rank // s.start.denominator),
+                     s.stop.numerator * (per_rank // s.stop.denominator))
+    return per_rank, rows
+
+
+def _check_spans(plan: Plan, per_rank: int, rows: dict[int, tuple[int, int]]) -> None:
+    """`check_plan` on rectangles of rows instead of pairs of atoms (see above); the same errors, the same order."""
+    n = plan.world_size
+    query, result = _QUERY[plan.backward], _RESULT[plan.backward]
+    backward = plan.backward
+    # held[r][(is_kv, owner)]: the (first, stop) rows of owner's query or key/value shard that arrived at r.
+    held: list[dict[tuple[bool, int], list[tuple[int, int]]]] = [{} for _ in range(n)]
+    exact: list[set[tuple[bool, int, int, int]]] = [set() for _ in range(n)]  # the same, as a set, to ask first
+
+    def has(rank: int, is_kv: bool, owner: int, a: int, b: int) -> bool:
+        if owner == rank or (is_kv, owner, a, b) in exact[rank]:
+            return True
+        return any(pa <= a and b <= pb for pa, pb in held[rank].get((is_kv, owner), ()))
+
+    # A shape is (other owner, qa, qb, ka, kb, triangle): rows of the query shard x rows of the key shard.
+    pending: list[dict[int, dict[tuple[int, int], list]]] = [{} for _ in range(n)]  # [rank][q owner][(qa, qb)]
+    travelling_kv: list[dict[int, list]] = [defaultdict(list) for _ in range(n)]  # [rank][kv owner]: groups
+    covered_q: list[dict[int, list]] = [defaultdict(list) for _ in range(n)]   # [q owner][kv owner]
+    covered_kv: list[dict[int, list]] = [defaultdict(list) for _ in range(n)]  # [kv owner][q owner]
+    world = range(n)
+    causal_mask = Mask.CAUSAL
+
+    for position, step in enumerate(plan.steps):
+        where = f"step {step.index}"
+        if step.index != position:
+            raise PlanError(f"{where} stands at position {position}: steps must be numbered 0, 1, 2, ... in order")
+        for b in step.blocks:
+            if b.rank not in world or b.q_owner not in world or b.kv_owner not in world:
+                raise PlanError(f"{where}: block outside the world: {b}")
+        arriving: list[tuple[Transfer, list | None]] = []
+        for t in step.transfers:
+            if t.src not in world or t.dst not in world or t.owner not in world:
+                raise PlanError(f"{where}: transfer outside the world: {t}")
+            if t.src == t.dst:
+                raise PlanError(f"{where}: rank {t.src} sends to itself")
+            a, b = rows[id(t.span)]
+            if t.payload is result:
+                mine = pending[t.src].get(t.owner) or {}
+                carried = [key for key in mine if a <= key[0] and key[1] <= b]
+                if not carried:
+                    raise PlanError(f"{where}: rank {t.src} sends a result for rank {t.owner}.{t.span} it does not hold: {t}")
+                waiting = [shape for key in carried for shape in mine.pop(key)]
+                if not mine:
+                    del pending[t.src][t.owner]
+                if t.dst != t.owner:
+                    raise PlanError(f"{where}: result for rank {t.owner} sent to rank {t.dst}")
+                arriving.append((t, waiting))
+            elif t.payload is Payload.GRAD_KEY_VALUE and backward:
+                # Held sums are groups (first key row, stop key row, node): a group inside the message's rows
+                # moves whole, one outside it stays, and only one across its edge is opened and cut.
+                inside, outside = [], []
+                for group in travelling_kv[t.src].get(t.owner, ()):
+                    ka, kb, node = group
+                    if kb <= a or b <= ka:
+                        outside.append(group)
+                    elif a <= ka and kb <= b:
+                        inside.append(group)
+                    else:
+                        for shape in _shapes(node):
+                            j, qa, qb, ka, kb, tri = shape
+                            if kb <= a or b <= ka:
+                                outside.append((ka, kb, shape))
+                                continue
+                            if ka < a:
+                                outside.append((ka, a, (j, qa, qb, ka, a, tri)))
+                            if b < kb:
+                                outside.append((b, kb, (j, qa, qb, b, kb, tri)))
+                            cut = (j, qa, qb, max(ka, a), min(kb, b), tri)
+                            inside.append((cut[3], cut[4], cut))
+                if not inside:
+                    raise PlanError(f"{where}: rank {t.src} sends dk/dv for rank {t.owner}.{t.span} it does not hold")
+                travelling_kv[t.src][t.owner] = outside
+                arriving.append((t, (min(g[0] for g in inside), max(g[1] for g in inside), [g[2] for g in inside])))
+            elif t.payload is query or t.payload is Payload.KEY_VALUE:
+                if not has(t.src, t.payload is Payload.KEY_VALUE, t.owner, a, b):
+                    raise PlanError(f"{where}: rank {t.src} sends {t.payload.value}[{t.owner}].{t.span} it does not hold")
+                arriving.append((t, None))
+            else:
+                pass_name = "backward" if backward else "forward"
+                raise PlanError(f"{where}: payload {t.payload.value} does not belong in a {pass_name} plan")
+        for block in step.blocks:
+            r, q_owner, kv_owner = block.rank, block.q_owner, block.kv_owner
+            qa, qb = rows[id(block.q_span)]
+            ka, kb = rows[id(block.kv_span)]
+            if q_owner != r and not has(r, False, q_owner, qa, qb):
+                raise PlanError(f"{where}: rank {r} computes with {query.value}[{q_owner}].{block.q_span} it does not hold")
+            if kv_owner != r and not has(r, True, kv_owner, ka, kb):
+                raise PlanError(f"{where}: rank {r} computes with {Payload.KEY_VALUE.value}[{kv_owner}]"
+                                f".{block.kv_span} it does not hold")
+            tri = block.mask is causal_mask
+            if q_owner == r:
+                covered_q[r][kv_owner].append((kv_owner, qa, qb, ka, kb, tri))
+            else:
+                waiting = pending[r].get(q_owner)
+                if waiting is None:
+                    waiting = pending[r][q_owner] = {}
+                shape = (kv_owner, qa, qb, ka, kb, tri)
+                got = waiting.get((qa, qb))
+                if got is None:
+                    waiting[(qa, qb)] = [shape]
+                else:
+                    got.append(shape)
+            if backward:
+                if kv_owner == r:
+                    covered_kv[r][q_owner].append((q_owner, qa, qb, ka, kb, tri))
+                else:
+                    travelling_kv[r][kv_owner].append((ka, kb, (q_owner, qa, qb, ka, kb, tri)))
+        for t, shapes in arriving:
+            if t.payload is result:
+                mine = covered_q[t.dst]
+                for shape in shapes:
+                    mine[shape[0]].append(shape)
+            elif t.payload is Payload.GRAD_KEY_VALUE:
+                if t.dst == t.owner:
+                    mine = covered_kv[t.dst]
+                    for shape in _shapes(shapes[2]):
+                        mine[shape[0]].append(shape)
+                else:
+                    travelling_kv[t.dst][t.owner].append(shapes)
+            else:
+                is_kv = t.payload is Payload.KEY_VALUE
+                got = rows[id(t.span)]
+                held[t.dst].setdefault((is_kv, t.owner), []).append(got)
+                exact[t.dst].add((is_kv, t.owner) + got)
+
+    for r in range(n):
+        if pending[r]:
+            raise PlanError(f"rank {r} never sends its results for ranks {sorted(pending[r])}")
+        unsent = sorted(owner for owner, shapes in travelling_kv[r].items() if shapes)
+        if unsent:
+            raise PlanError(f"rank {r} never sends the dk/dv it holds for ranks {unsent}")
+    visible = _VisibleRows(plan, per_rank)
+    _check_tiling(visible, covered_q, "query", plan.causal)
+    if backward:
+        _check_tiling(visible, covered_kv, "key", plan.causal)
+
+
+def _shapes(node) -> list:
+    """The shapes of a dK/dV group's node: a shape (a tuple) or a list of nodes."""
+    if isinstance(node, tuple):
+        return [node]
+    found, stack = [], [node]
+    while stack:
+        for item in stack.pop():
+            if isinstance(item, tuple):
+                found.append(item)
+            else:
+                stack.append(item)
+    return found
+
+
+class _VisibleRows:
+    """Which key rows each run of query rows may see, per (query owner, key owner), on the atom grid.
+
+    Always a prefix of the key shard: a rank's chunks lie in sequence order, so the chunks of the key owner
+    before a query chunk come first. Returns [(first q row, stop q row, visible key rows)], merged, those
+    with none left out. A causal plan's diagonal (query owner = key owner) is judged with its diagonal blocks.
+    """
+
+    def __init__(self, plan: Plan, per_rank: int) -> None:
+        n = plan.world_size
+        self.per_rank = per_rank
+        self.causal = plan.causal
+        self.chunks = [rank_chunks(plan.layout, r, n) for r in range(n)]
+        self._memo: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
+
+    def __call__(self, j: int, r: int) -> list[tuple[int, int, int]]:
+        size = self.per_rank
+        if not self.causal:
+            return [(0, size, size)]
+        before = tuple(bisect.bisect_left(self.chunks[r], c) for c in self.chunks[j])
+        got = self._memo.get(before)
+        if got is None:
+            per_chunk = size // len(before)
+            got = []
+            for a, count in enumerate(before):
+                p = count * per_chunk
+                if p and got and got[-1][2] == p and got[-1][1] == a * per_chunk:
+                    got[-1] = (got[-1][0], (a + 1) * per_chunk, p)
+                elif p:
+                    got.append((a * per_chunk, (a + 1) * per_chunk, p))
+            self._memo[before] = got
+        return got
+
+
+def _check_tiling(visible: _VisibleRows, covered: list[dict[int, list]], what: str, causal: bool) -> None:
+    """Every (query owner, key owner) pair's shapes, as received by ``covered``'s owners, tile what it may see once."""
+    n = len(covered)
+    for owner in range(n):
+        received = covered[owner]
+        for other in range(n):
+            j, r = (owner, other) if what == "query" else (other, owner)
+            shapes = received.get(other, ())
+            if j == r:
+                ok = _tiles_diagonal(shapes, visible.per_rank, causal)
+            else:
+                want = visible(j, r)
+                if len(shapes) == 1 and len(want) == 1:  # the common case: one block, one visible rectangle
+                    _, qa, qb, ka, kb, tri = shapes[0]
+                    ok = not tri and ka == 0 and (qa, qb, kb) == want[0]
+                else:
+                    ok = _tiles(shapes, want, visible.per_rank)
+            if not ok:
+                raise PlanError(f"{what} side: queries of rank {j} x keys of rank {r}: rows missing or "
+                                f"extra/duplicated (shapes {sorted(s[1:] for s in shapes)[:5]})")
+
+
+def _tiles_diagonal(shapes, size: int, causal: bool) -> bool:
+    """A rank's queries against its own keys: the causal blocks tile the diagonal, the rest what lies before it."""
+    triangles = sorted((s[1], s[2]) for s in shapes if s[5])
+    rects = [s for s in shapes if not s[5]]
+    if not causal:
+        return not triangles and _tiles(rects, [(0, size, size)], size)
+    edge = 0
+    for a, b in triangles:
+        if a != edge:
+            return False
+        edge = b
+    if edge != size:
+        return False
+    want = [(a, b, a) for a, b in triangles if a > 0]  # rows of a diagonal block see the keys before it
+    return _tiles(rects, want, size)
+
+
+def _tiles(shapes, want: list[tuple[int, int, int]], size: int) -> bool:
+    """The rectangles (no triangles) cover, at each query row, exactly key rows [0, p) of ``want``'s p there, once."""
+    if any(s[5] for s in shapes):
+        return False
+    if not shapes or not want:
+        return not shapes and not want
+    if len(want) == 1:  # the common cases: pieces of the query rows, or of the key rows, of one rectangle
+        x0, x1, p = want[0]
+        first = shapes[0]
+        if all(s[3] == first[3] and s[4] == first[4] for s in shapes):
+            if (first[3], first[4]) != (0, p):
+                return False
+            return _chain(sorted((s[1], s[2]) for s in shapes), x0, x1)
+        if all(s[1] == first[1] and s[2] == first[2] for s in shapes):
+            if (first[1], first[2]) != (x0, x1):
+                return False
+            return _chain(sorted((s[3], s[4]) for s in shapes), 0, p)
+    edges = {0, size}
+    for a, b, _ in want:
+        edges.update((a, b))
+    for s in shapes:
+        edges.update((s[1], s[2]))
+    edges = sorted(edges)
+    starts = sorted(shapes, key=lambda s: s[1])
+    active: list = []
+    at = 0  # the next shape to start
+    w = 0   # the want entry at or after the current row
+    for x, x_next in zip(edges, edges[1:]):
+        active = [s for s in active if s[2] > x]
+        while at < len(starts) and starts[at][1] == x:
+            active.append(starts[at])
+            at += 1
+        while w < len(want) and want[w][1] <= x:
+            w += 1
+        p = want[w][2] if w < len(want) and want[w][0] <= x else 0
+        reach = 0
+        for s in sorted(active, key=lambda s: s[3]):
+            if s[3] != reach:
+                return False
+            reach = s[4]
+        if reach != p:
+            return False
+    return at == len(starts)
+
+
+def _chain(intervals: list[tuple[int, int]], start: int, stop: int) -> bool:
+    """Sorted intervals that follow one another from ``start`` to ``stop`` without gap or overlap."""
+    for a, b in intervals:
+        if a != start:
+            return False
+        start = b
+    return start == stop

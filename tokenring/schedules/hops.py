@@ -19,6 +19,73 @@ from ..plan import Block, Payload, ProblemShape, Span, Step, Transfer, visible_b
 NOMINAL_SHAPE = ProblemShape(batch=1, seq_local=2, q_heads=1, kv_heads=1, head_dim=64, itemsize=2)
 
 
+def visibility(layout: Layout, causal: bool):
+    """``visible_block`` as a function of (q_owner, kv_owner), asked once per case.
+
+    What a pair sees depends only on whether the query owner comes before,
+    after or is the key owner (`plan.visible_block`), so the walks below,
+    which ask N^2 times, ask it three times and reuse the same spans.
+    """
+    cases = {(a, b): visible_block(layout, causal, a, b) for a, b in ((0, 0), (1, 0), (0, 1))}
+    same, later, earlier = cases[(0, 0)], cases[(1, 0)], cases[(0, 1)]
+
+    def visible(q_owner: int, kv_owner: int) -> tuple[Span, Span, Mask] | None:
+        if q_owner == kv_owner:
+            return same
+        return later if q_owner > kv_owner else earlier
+
+    return visible
+
+
+class SpanHull:
+    """``Span.hull`` remembered per pair of span objects: a walk asks it for the same few spans again and again.
+
+    Equal hulls come back as one object, so that the memo (keyed by the
+    objects, which it keeps alive) stays as small as the set of values.
+    """
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[int, int], tuple[Span, Span, Span]] = {}
+        self._values: dict[tuple, Span] = {}
+
+    def __call__(self, span: Span, other: Span | None) -> Span:
+        if other is None or other is span:
+            return span
+        key = (id(span), id(other))
+        hit = self._memo.get(key)
+        if hit is None:
+            value = span.hull(other)
+            hit = self._memo[key] = (span, other, self._values.setdefault((value.start, value.stop), value))
+        return hit[2]
+
+
+def _walk(moves_queries: bool, layout: Layout, causal: bool, n: int, direction: int):
+    """Per owner, per hop: the visible (q_span, kv_span, mask) or None, and the span still needed from that hop on.
+
+    ``needed[owner][h]`` is the hull of the travelling spans of hops h..n-1, a
+    running hull from the last hop backwards: O(N^2) in all.
+    """
+    visible = visibility(layout, causal)
+    hull = SpanHull()
+    seen: list[list] = []
+    needed: list[list[Span | None]] = []
+    for owner in range(n):
+        row = []
+        for hops in range(n):
+            rank = (owner + hops * direction) % n
+            row.append(visible(owner, rank) if moves_queries else visible(rank, owner))
+        running: Span | None = None
+        still: list[Span | None] = [None] * (n + 1)
+        for hops in range(n - 1, -1, -1):
+            v = row[hops]
+            if v is not None:
+                running = hull(v[0] if moves_queries else v[1], running)
+            still[hops] = running
+        seen.append(row)
+        needed.append(still)
+    return seen, needed
+
+
 def one_hop_steps(moves_queries: bool, layout: Layout, causal: bool, n: int, direction: int) -> tuple[Step, ...]:
     """The steps of a walk in which each owner's queries (or keys/values) move ``direction`` one hop per step.
 
@@ -26,46 +93,37 @@ def one_hop_steps(moves_queries: bool, layout: Layout, causal: bool, n: int, dir
     and the partial result goes straight back to the owner one step later, so
     the plan has one more step than compute steps. Keys/values travelling:
     each holder computes its own queries against them and keeps the result.
+    Each transfer carries the hull of what the later holders still need.
     """
+    return _steps(moves_queries, n, direction, *_walk(moves_queries, layout, causal, n, direction))
+
+
+def _steps(moves_queries: bool, n: int, direction: int, seen: list[list], needed: list[list[Span | None]]) -> tuple[Step, ...]:
     payload = Payload.QUERY if moves_queries else Payload.KEY_VALUE
-
-    def holder(owner: int, hops: int) -> int:
-        return (owner + hops * direction) % n
-
-    def block(owner: int, hops: int) -> Block | None:
-        rank = holder(owner, hops)
-        q_owner, kv_owner = (owner, rank) if moves_queries else (rank, owner)
-        visible = visible_block(layout, causal, q_owner, kv_owner)
-        if visible is None:
-            return None
-        q_span, kv_span, mask = visible
-        return Block(rank, q_owner, q_span, kv_owner, kv_span, mask)
-
-    def still_needed(owner: int, from_hops: int) -> Span | None:
-        needed: Span | None = None
-        for hops in range(from_hops, n):
-            b = block(owner, hops)
-            if b is not None:
-                needed = (b.q_span if moves_queries else b.kv_span).hull(needed)
-        return needed
-
     n_steps = n + 1 if moves_queries and n > 1 else n
     steps = []
     for index in range(n_steps):
         blocks: list[Block] = []
         transfers: list[Transfer] = []
+        if index < n:
+            shift = index * direction
+            for rank in range(n):  # each rank holds one owner's tensor per step: blocks come in rank order
+                owner = (rank - shift) % n
+                v = seen[owner][index]
+                if v is not None:
+                    q_owner, kv_owner = (owner, rank) if moves_queries else (rank, owner)
+                    blocks.append(Block(rank, q_owner, v[0], kv_owner, v[1], v[2]))
         for owner in range(n):
-            if index < n:
-                b = block(owner, index)
-                if b is not None:
-                    blocks.append(b)
-                span = still_needed(owner, index + 1) if index < n - 1 else None
+            if index < n - 1:
+                span = needed[owner][index + 1]
                 if span is not None:
-                    transfers.append(Transfer(holder(owner, index), holder(owner, index + 1), payload, owner, span))
-            previous = block(owner, index - 1) if moves_queries and index >= 2 else None
-            if previous is not None:
-                transfers.append(Transfer(previous.rank, owner, Payload.PARTIAL, owner, previous.q_span))
-        blocks.sort(key=lambda b: b.rank)
+                    here = (owner + index * direction) % n
+                    transfers.append(Transfer(here, (here + direction) % n, payload, owner, span))
+            if moves_queries and index >= 2:
+                previous = seen[owner][index - 1]
+                if previous is not None:
+                    rank = (owner + (index - 1) * direction) % n
+                    transfers.append(Transfer(rank, owner, Payload.PARTIAL, owner, previous[0]))
         steps.append(Step(index, tuple(blocks), tuple(transfers)))
     return tuple(steps)
 
@@ -74,10 +132,42 @@ def total_bytes(steps: tuple[Step, ...]) -> int:
     return sum(NOMINAL_SHAPE.payload_bytes(t.payload, t.span) for s in steps for t in s.transfers)
 
 
+def _walk_bytes(moves_queries: bool, n: int, seen: list[list], needed: list[list[Span | None]]) -> int:
+    """``total_bytes`` of the steps ``_steps`` would build from this walk, without building them."""
+    payload = Payload.QUERY if moves_queries else Payload.KEY_VALUE
+    sizes: dict[tuple[Payload, int], int] = {}
+    keep = []  # the spans whose ids key ``sizes``
+
+    def size(p: Payload, span: Span) -> int:
+        key = (p, id(span))
+        got = sizes.get(key)
+        if got is None:
+            keep.append(span)
+            got = sizes[key] = NOMINAL_SHAPE.payload_bytes(p, span)
+        return got
+
+    total = 0
+    for owner in range(n):
+        for index in range(n - 1):
+            span = needed[owner][index + 1]
+            if span is not None:
+                total += size(payload, span)
+        if moves_queries and n > 1:
+            for hops in range(1, n):  # partials of the blocks at hops 1..n-1 go home at step hops + 1
+                v = seen[owner][hops]
+                if v is not None:
+                    total += size(Payload.PARTIAL, v[0])
+    return total
+
+
 def cheaper_direction(moves_queries: bool, layout: Layout, causal: bool, n: int) -> tuple[int, tuple[Step, ...]]:
     """The direction (+1: r -> r+1) whose walk moves fewer bytes, ties to +1, and its steps."""
-    walks = [(d, one_hop_steps(moves_queries, layout, causal, n, d)) for d in (1, -1)]
-    return min(walks, key=lambda walk: total_bytes(walk[1]))
+    walks = []
+    for d in (1, -1):
+        walk = _walk(moves_queries, layout, causal, n, d)
+        walks.append((_walk_bytes(moves_queries, n, *walk), d, walk))
+    cost, direction, walk = min(walks, key=lambda w: w[0])  # the first of equals: ties go to +1
+    return direction, _steps(moves_queries, n, direction, *walk)
 
 
 def direction_note(direction: int, what: str) -> str:

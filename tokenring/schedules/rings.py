@@ -7,10 +7,17 @@ the most. Here:
 
 * odd N: Walecki's construction gives (N - 1)/2 undirected Hamiltonian
   cycles that share no edge; each, taken both ways, is two directed rings;
-* even N: a seeded search, bounded by a fixed number of attempts (never by
-  time: every rank must find the same rings), asks for N - 1 rings (N - 2 for
-  4 and 6) and settles for fewer if it must; the ring r -> r+1 and its
-  reverse are always there.
+* even N up to 8: a seeded search, bounded by a fixed number of attempts
+  (never by time: every rank must find the same rings), asks for N - 1 rings
+  (N - 2 for 4 and 6) and settles for fewer if it must; the ring r -> r+1
+  and its reverse are always there;
+* even N above 8: Walecki's zigzags on the N - 1 ranks of a circle round a
+  hub give (N - 2)/2 undirected Hamiltonian cycles of the full mesh that
+  share no edge (what is left is a perfect matching); the ranks are renamed
+  so that the first is r -> r+1, and each cycle, taken both ways, is two
+  directed rings: N - 2 in all, in time linear in the links. (The search
+  finds fewer than that above 8, and takes seconds; N - 2 rings give the
+  multi-ring schedules as many pieces as N - 1 would, since N - 1 is odd.)
 
 `tests/test_rings.py` checks that every directed link belongs to at most one
 ring and that each ring visits every rank once.
@@ -25,8 +32,15 @@ _ATTEMPTS = 2000
 _SEED = 20260926
 
 
+_SEARCH_UP_TO = 8  # even N above this use the construction (`_even_rings`)
+
+
 def _walecki(n: int) -> list[list[int]]:
-    """(n - 1)/2 edge-disjoint undirected Hamiltonian cycles of K_n, n odd: a hub and zigzags round a circle."""
+    """(n - 1)//2 edge-disjoint undirected Hamiltonian cycles of K_n: a hub and zigzags round a circle of n - 1.
+
+    n odd: they use every edge. n even: the zigzags round the odd circle
+    leave one chord per sum class and one hub edge, a perfect matching.
+    """
     m = n - 1
     cycles = []
     for i in range(m // 2):
@@ -73,6 +87,19 @@ def _random_ring(n: int, free: set, rng: random.Random) -> list[int] | None:
     return path if (path[-1], 0) in free else None
 
 
+def _even_rings(n: int) -> list[list[int]]:
+    """n - 2 edge-disjoint directed rings of the full mesh, n even: Walecki's cycles both ways, r -> r+1 first."""
+    cycles = _walecki(n)
+    rename = {rank: position for position, rank in enumerate(cycles[0])}  # the first cycle becomes 0, 1, ..., n-1
+    rings = []
+    for cycle in cycles:
+        renamed = [rename[rank] for rank in cycle]
+        at = renamed.index(0)
+        ring = renamed[at:] + renamed[:at]
+        rings += [ring, [0] + ring[:0:-1]]
+    return rings
+
+
 @functools.lru_cache(maxsize=None)
 def directed_rings(n: int) -> tuple[tuple[int, ...], ...]:
     """Edge-disjoint directed rings through all ``n`` ranks, as rank orders, r -> r+1 first."""
@@ -82,6 +109,8 @@ def directed_rings(n: int) -> tuple[tuple[int, ...], ...]:
         cycles = _walecki(n)
         rings = [c for cycle in cycles for c in (cycle, [cycle[0]] + cycle[:0:-1])]
         return tuple(tuple(r) for r in rings)
+    if n > _SEARCH_UP_TO:
+        return tuple(tuple(r) for r in _even_rings(n))
     for want in range(n - 2 if n in (4, 6) else n - 1, 2, -1):
         found = _search(n, want)
         if found is not None:

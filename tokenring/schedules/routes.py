@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..layout import Layout
-from ..plan import ALL, Block, Payload, Span, Step, Transfer, visible_block
+from ..plan import ALL, Block, Payload, Span, Step, Transfer
+from .hops import SpanHull, visibility
 
 
 @dataclass(frozen=True)
@@ -46,36 +47,56 @@ def two_way_routes(n: int) -> list[Route]:
 
 def route_steps(moves_queries: bool, layout: Layout, causal: bool, n: int, routes: list[Route]) -> tuple[Step, ...]:
     payload = Payload.QUERY if moves_queries else Payload.KEY_VALUE
+    visible = visibility(layout, causal)
+    hull = SpanHull()
+    pieces: dict[tuple[int, int], Span | None] = {}  # (id of a visible span, route) -> its part in the route's piece
+    keep = []  # the visible spans whose ids key ``pieces``
 
-    def holder(route: Route, owner: int, hop: int) -> int:
-        rank = owner
-        for _ in range(hop):
-            rank = route.successor[rank]
-        return rank
+    def piece_of(span: Span, at: int) -> Span | None:
+        key = (id(span), at)
+        if key not in pieces:
+            keep.append(span)
+            pieces[key] = span.intersection(routes[at].piece)
+        return pieces[key]
 
-    def block(route: Route | None, owner: int, hop: int) -> Block | None:
-        rank = owner if route is None else holder(route, owner, hop)
-        q_owner, kv_owner = (owner, rank) if moves_queries else (rank, owner)
-        visible = visible_block(layout, causal, q_owner, kv_owner)
-        if visible is None:
-            return None
-        q_span, kv_span, mask = visible
-        if route is not None:
-            if moves_queries:
-                q_span = q_span.intersection(route.piece)
-            else:
-                kv_span = kv_span.intersection(route.piece)
-            if q_span is None or kv_span is None:
-                return None
-        return Block(rank, q_owner, q_span, kv_owner, kv_span, mask)
-
-    def still_needed(route: Route, owner: int, from_hop: int) -> Span | None:
-        needed: Span | None = None
-        for hop in range(from_hop, route.hops + 1):
-            b = block(route, owner, hop)
-            if b is not None:
-                needed = (b.q_span if moves_queries else b.kv_span).hull(needed)
-        return needed
+    # Per route and owner: the ranks it visits, the block at each hop and the span still needed from each hop on.
+    paths: list[list[list[int]]] = []
+    blocks_at: list[list[list[Block | None]]] = []
+    needed: list[list[list[Span | None]]] = []
+    for at, route in enumerate(routes):
+        route_paths, route_blocks, route_needed = [], [], []
+        for owner in range(n):
+            path = [owner]
+            for _ in range(route.hops):
+                path.append(route.successor[path[-1]])
+            row: list[Block | None] = [None]
+            for hop in range(1, route.hops + 1):
+                rank = path[hop]
+                q_owner, kv_owner = (owner, rank) if moves_queries else (rank, owner)
+                v = visible(q_owner, kv_owner)
+                b = None
+                if v is not None:
+                    q_span, kv_span, mask = v
+                    if moves_queries:
+                        q_span = piece_of(q_span, at)
+                    else:
+                        kv_span = piece_of(kv_span, at)
+                    if q_span is not None and kv_span is not None:
+                        b = Block(rank, q_owner, q_span, kv_owner, kv_span, mask)
+                row.append(b)
+            still: list[Span | None] = [None] * (route.hops + 2)
+            running: Span | None = None
+            for hop in range(route.hops, 0, -1):
+                b = row[hop]
+                if b is not None:
+                    running = hull(b.q_span if moves_queries else b.kv_span, running)
+                still[hop] = running
+            route_paths.append(path)
+            route_blocks.append(row)
+            route_needed.append(still)
+        paths.append(route_paths)
+        blocks_at.append(route_blocks)
+        needed.append(route_needed)
 
     last_hop = max((r.hops for r in routes), default=0)
     n_steps = last_hop + 2 if moves_queries and last_hop else last_hop + 1
@@ -86,18 +107,18 @@ def route_steps(moves_queries: bool, layout: Layout, causal: bool, n: int, route
         transfers: list[Transfer] = []
         for owner in range(n):
             if index == 0:
-                own = block(None, owner, 0)
-                if own is not None:
-                    blocks.append(own)
-            for route in routes:
+                v = visible(owner, owner)
+                if v is not None:
+                    blocks.append(Block(owner, owner, v[0], owner, v[1], v[2]))
+            for at, route in enumerate(routes):
                 if 1 <= index <= route.hops:
-                    b = block(route, owner, index)
+                    b = blocks_at[at][owner][index]
                     if b is not None:
                         blocks.append(b)
-                span = still_needed(route, owner, index + 1) if index < route.hops else None
+                span = needed[at][owner][index + 1] if index < route.hops else None
                 if span is not None:
-                    transfers.append(Transfer(holder(route, owner, index), holder(route, owner, index + 1), payload,
-                                              owner, span))
+                    path = paths[at][owner]
+                    transfers.append(Transfer(path[index], path[index + 1], payload, owner, span))
         if moves_queries:
             for b in computed.get(index - 1, ()):
                 if b.rank != b.q_owner:

@@ -100,8 +100,10 @@ class Block(nn.Module):
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.mlp = MLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_norm(hidden_states), position_ids)
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor, cache: Any = None,
+                layer: int | None = None) -> torch.Tensor:
+        extra = {} if cache is None else {"cache": cache, "layer": layer}
+        hidden_states = hidden_states + self.self_attn(self.input_norm(hidden_states), position_ids, **extra)
         return hidden_states + self.mlp(self.post_attention_norm(hidden_states))
 
 
@@ -116,8 +118,21 @@ class TinyLlama(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The final normalised hidden states (B, S, hidden): everything but the vocabulary projection."""
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      cache: Any = None) -> torch.Tensor:
+        """The final normalised hidden states (B, S, hidden): everything but the vocabulary projection.
+
+        With ``cache`` (`tokenring.inference.ShardedKVCache`, attention modules
+        `TokenRingAttention`): input_ids are this rank's tokens of the cache's
+        current chunk, and position_ids default to theirs.
+        """
+        if cache is not None:
+            if position_ids is None:
+                position_ids = cache.chunk.positions(device=input_ids.device)
+            hidden_states = self.embed_tokens(input_ids)
+            for index, layer in enumerate(self.layers):
+                hidden_states = layer(hidden_states, position_ids, cache, index)
+            return self.norm(hidden_states)
         if position_ids is None:
             if not all(isinstance(layer.self_attn, PlainAttention) for layer in self.layers):
                 # A shard's own arange would be the wrong positions on every rank but the first.
@@ -131,8 +146,9 @@ class TinyLlama(nn.Module):
             hidden_states = layer(hidden_states, position_ids)
         return self.norm(hidden_states)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, position_ids))
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cache: Any = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, position_ids, cache))
 
 
 def build_reference(config: TinyLlamaConfig, seed: int, dtype: torch.dtype = torch.float32) -> TinyLlama:
@@ -169,3 +185,42 @@ def random_batches(config: TinyLlamaConfig, seed: int, steps: int, batch: int, s
     """``steps`` batches of token ids (batch, seq_len), the same on every process."""
     generator = torch.Generator().manual_seed(seed + 1)
     return [torch.randint(config.vocab_size, (batch, seq_len), generator=generator) for _ in range(steps)]
+
+
+def greedy_reference(model: TinyLlama, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding in one process, the whole sequence recomputed each step: (B, new_tokens) token ids."""
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            next_token = model(ids)[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat((ids, next_token), dim=1)
+    return ids[:, prompt.shape[1]:]
+
+
+def greedy_sharded(model: TinyLlama, prompt: torch.Tensor, new_tokens: int, cache: Any,
+                   chunk_size: int | None = None) -> torch.Tensor:
+    """Greedy decoding on every rank of the cache's group: (B, new_tokens), the same on every rank.
+
+    The prompt but its last token is prefilled in chunks of ``chunk_size``
+    (default: all at once) into ``cache`` (`tokenring.inference.ShardedKVCache`),
+    each rank running its share of each chunk; then every rank decodes one
+    token at a time, starting from the prompt's last token. Each new token is
+    rank 0's choice, sent to the others, so the ranks never drift apart on a
+    near tie.
+    """
+    from tokenring.inference import agree_on_tokens
+
+    batch, length = prompt.shape
+    chunk_size = chunk_size or max(1, length - 1)
+    with torch.no_grad():
+        for start in range(0, length - 1, chunk_size):
+            stop = min(start + chunk_size, length - 1)
+            chunk = cache.extend(stop - start, replicated=False)
+            model.hidden_states(chunk.shard(prompt[:, start:stop]), cache=cache)
+        token = prompt[:, length - 1:]
+        generated = []
+        for _ in range(new_tokens):
+            cache.extend(1)
+            token = agree_on_tokens(cache, model(token, cache=cache)[:, -1].argmax(-1, keepdim=True))
+            generated.append(token)
+    return torch.cat(generated, dim=1)
