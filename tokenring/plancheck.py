@@ -341,7 +341,8 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[int, tuple[int, int]]) ->
 
     # A shape is (other owner, qa, qb, ka, kb, triangle): rows of the query shard x rows of the key shard.
     pending: list[dict[int, dict[tuple[int, int], list]]] = [{} for _ in range(n)]  # [rank][q owner][(qa, qb)]
-    travelling_kv: list[dict[int, list]] = [defaultdict(list) for _ in range(n)]  # [rank][kv owner]: groups
+    # travelling_kv[rank][kv owner]: the dK/dV sums held, as (first key rows, groups, longest group) (`_hold`).
+    travelling_kv: list[dict[int, tuple[list, list, int]]] = [{} for _ in range(n)]
     covered_q: list[dict[int, list]] = [defaultdict(list) for _ in range(n)]   # [q owner][kv owner]
     covered_kv: list[dict[int, list]] = [defaultdict(list) for _ in range(n)]  # [kv owner][q owner]
     world = range(n)
@@ -375,28 +376,40 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[int, tuple[int, int]]) ->
             elif t.payload is Payload.GRAD_KEY_VALUE and backward:
                 # Held sums are groups (first key row, stop key row, node): a group inside the message's rows
                 # moves whole, one outside it stays, and only one across its edge is opened and cut.
-                inside, outside = [], []
-                for group in travelling_kv[t.src].get(t.owner, ()):
-                    ka, kb, node = group
-                    if kb <= a or b <= ka:
-                        outside.append(group)
-                    elif a <= ka and kb <= b:
-                        inside.append(group)
-                    else:
-                        for shape in _shapes(node):
-                            j, qa, qb, ka, kb, tri = shape
-                            if kb <= a or b <= ka:
-                                outside.append((ka, kb, shape))
-                                continue
-                            if ka < a:
-                                outside.append((ka, a, (j, qa, qb, ka, a, tri)))
-                            if b < kb:
-                                outside.append((b, kb, (j, qa, qb, b, kb, tri)))
-                            cut = (j, qa, qb, max(ka, a), min(kb, b), tri)
-                            inside.append((cut[3], cut[4], cut))
+                sums = travelling_kv[t.src].get(t.owner)
+                inside, outside, cut_any = [], [], False
+                lo = hi = 0
+                if sums is not None:
+                    keys, groups, longest = sums
+                    lo, hi = bisect.bisect_left(keys, a - longest + 1), bisect.bisect_left(keys, b)
+                    for group in groups[lo:hi]:  # only these can reach into [a, b)
+                        ka, kb, node = group
+                        if kb <= a:
+                            outside.append(group)
+                        elif a <= ka and kb <= b:
+                            inside.append(group)
+                        else:
+                            cut_any = True
+                            for shape in _shapes(node):
+                                j, qa, qb, ka, kb, tri = shape
+                                if kb <= a or b <= ka:
+                                    outside.append((ka, kb, shape))
+                                    continue
+                                if ka < a:
+                                    outside.append((ka, a, (j, qa, qb, ka, a, tri)))
+                                if b < kb:
+                                    outside.append((b, kb, (j, qa, qb, b, kb, tri)))
+                                cut = (j, qa, qb, max(ka, a), min(kb, b), tri)
+                                inside.append((cut[3], cut[4], cut))
                 if not inside:
                     raise PlanError(f"{where}: rank {t.src} sends dk/dv for rank {t.owner}.{t.span} it does not hold")
-                travelling_kv[t.src][t.owner] = outside
+                left = groups[:lo] + outside + groups[hi:]
+                if cut_any:
+                    left.sort(key=lambda g: g[0])
+                if left:
+                    travelling_kv[t.src][t.owner] = ([g[0] for g in left], left, longest)
+                else:
+                    del travelling_kv[t.src][t.owner]
                 arriving.append((t, (min(g[0] for g in inside), max(g[1] for g in inside), [g[2] for g in inside])))
             elif t.payload is query or t.payload is Payload.KEY_VALUE:
                 if not has(t.src, t.payload is Payload.KEY_VALUE, t.owner, a, b):
@@ -431,7 +444,7 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[int, tuple[int, int]]) ->
                 if kv_owner == r:
                     covered_kv[r][q_owner].append((q_owner, qa, qb, ka, kb, tri))
                 else:
-                    travelling_kv[r][kv_owner].append((ka, kb, (q_owner, qa, qb, ka, kb, tri)))
+                    _hold(travelling_kv[r], kv_owner, (ka, kb, (q_owner, qa, qb, ka, kb, tri)))
         for t, shapes in arriving:
             if t.payload is result:
                 mine = covered_q[t.dst]
@@ -443,7 +456,7 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[int, tuple[int, int]]) ->
                     for shape in _shapes(shapes[2]):
                         mine[shape[0]].append(shape)
                 else:
-                    travelling_kv[t.dst][t.owner].append(shapes)
+                    _hold(travelling_kv[t.dst], t.owner, shapes)
             else:
                 is_kv = t.payload is Payload.KEY_VALUE
                 got = rows[id(t.span)]
@@ -453,13 +466,31 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[int, tuple[int, int]]) ->
     for r in range(n):
         if pending[r]:
             raise PlanError(f"rank {r} never sends its results for ranks {sorted(pending[r])}")
-        unsent = sorted(owner for owner, shapes in travelling_kv[r].items() if shapes)
+        unsent = sorted(owner for owner, sums in travelling_kv[r].items() if sums[1])
         if unsent:
             raise PlanError(f"rank {r} never sends the dk/dv it holds for ranks {unsent}")
     visible = _VisibleRows(plan, per_rank)
     _check_tiling(visible, covered_q, "query", plan.causal)
     if backward:
         _check_tiling(visible, covered_kv, "key", plan.causal)
+
+
+def _hold(held: dict[int, tuple[list, list, int]], owner: int, group: tuple) -> None:
+    """Add a dK/dV group (first key row, stop key row, node) to those held for ``owner``, kept in order of first row.
+
+    With the longest group's length, a message for rows [a, b) need only look at the groups that start in
+    [a - longest + 1, b).
+    """
+    sums = held.get(owner)
+    if sums is None:
+        held[owner] = ([group[0]], [group], group[1] - group[0])
+        return
+    keys, groups, longest = sums
+    at = bisect.bisect_right(keys, group[0])
+    keys.insert(at, group[0])
+    groups.insert(at, group)
+    if group[1] - group[0] > longest:
+        held[owner] = (keys, groups, group[1] - group[0])
 
 
 def _shapes(node) -> list:
