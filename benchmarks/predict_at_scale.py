@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--charts", metavar="DIR", help="write one PNG per system")
     parser.add_argument("--schedules", default="ring,tokenring,ring-2way,tokenring-2way,ring-multi,tokenring-multi")
+    parser.add_argument("--multi-max-n", type=int, default=64,
+                        help="the multi-ring plans grow as N^3 blocks: predict them up to this N only")
     args = parser.parse_args()
     shape = ProblemShape(batch=1, seq_local=args.seq_local, q_heads=32, kv_heads=8, head_dim=128,
                          itemsize=2, acc_itemsize=4)
@@ -66,17 +68,21 @@ def main() -> None:
         for n in sizes:
             started = time.perf_counter()
             topology = system_topology(system, n)
-            comparison = predict_all(shape, topology, True, "zigzag", schedules)
-            choice = choose(shape, True, "zigzag", n, True, profile=topology)
+            candidates = [s for s in schedules if "multi" not in s or n <= args.multi_max_n]
+            comparison = predict_all(shape, topology, True, "zigzag", candidates)
+            best = comparison.fastest
+            choice = choose(shape, True, "zigzag", n, True, profile=topology) if n <= args.multi_max_n else None
             elapsed = time.perf_counter() - started
-            cells = {}
+            cells = {name: None for name in schedules}
             for estimate in comparison.estimates:
                 cells[estimate.name] = None if estimate.error else estimate.training
-            hidden = comparison.estimate(choice.algorithm).training_hidden_share
+            # Above --multi-max-n, auto's choice is the fastest of the schedules that could be built.
+            chosen = choice.algorithm if choice is not None else best
+            hidden = comparison.estimate(chosen).training_hidden_share
             rows[n] = {"ms": {k: (v * 1e3 if v is not None else None) for k, v in cells.items()},
-                       "auto": choice.algorithm, "hidden_share": hidden, "simulate_s": elapsed}
+                       "auto": chosen, "hidden_share": hidden, "simulate_s": elapsed}
             shown = " | ".join("-" if cells[s] is None else f"{cells[s] * 1e3:.1f}" for s in schedules)
-            print(f"| {n} | {shown} | {choice.algorithm} | {hidden:.0%} | {elapsed:.1f} |", flush=True)
+            print(f"| {n} | {shown} | {chosen} | {hidden:.0%} | {elapsed:.1f} |", flush=True)
         report["systems"][system] = rows
         if args.charts:
             _chart(system, rows, schedules, args.charts)
