@@ -17,7 +17,9 @@
 
 Compute per block is its attention FLOPs (4·B·Hq·D per score entry, half of
 a causal block; the backward ``Compute.backward_ratio`` times that) over the
-profile's rate for a block of that size, plus a per-call overhead.
+profile's rate for a block of that size, plus a per-call overhead; each
+message adds ``Compute.message_overhead_s`` of host time to the compute of
+its sender and of its receiver in its step.
 
 What is not modelled: the merge of arriving partials and other host work,
 the kernel slowing down while messages use the same memory, a transport
@@ -179,6 +181,7 @@ def simulate(plan: Plan, shape: ProblemShape, topology: Topology) -> Prediction:
     backward = plan.backward
     flop_factor = compute_model.backward_ratio if backward else 1.0
     overhead = compute_model.call_overhead_s
+    per_message = compute_model.message_overhead_s
     seq_q, seq_kv = shape.seq_local, shape.kv_seq
 
     # Spans repeat over a plan (ALL, FIRST, SECOND, a few chunks): price each kind of block and message once.
@@ -209,6 +212,10 @@ def simulate(plan: Plan, shape: ProblemShape, topology: Topology) -> Prediction:
             if seconds is None:
                 seconds = block_seconds[key] = price_block(b)
             compute[b.rank] += seconds
+        if per_message:
+            for t in step.transfers:  # host time on both ends of each message, while the rank cannot compute
+                compute[t.src] += per_message
+                compute[t.dst] += per_message
 
         # Gather each resource's messages of this step. Most resources carry one message a step: those
         # are settled at once; the others share (`_shared_finish`).

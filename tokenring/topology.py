@@ -99,6 +99,9 @@ class Compute:
     flop_per_s: float = DEFAULT_TFLOPS * 1e12
     backward_ratio: float = BACKWARD_FLOP_RATIO
     call_overhead_s: float = 0.0
+    # Host time a rank spends on each message it sends or receives (posting it, completing it, unpacking it),
+    # added to the step's compute: the rank cannot compute meanwhile. 0: free (accelerators with copy engines).
+    message_overhead_s: float = 0.0
     kernels: tuple[KernelRate, ...] = ()
 
     def rate(self, backward: bool, q_rows: int, kv_rows: int) -> float:
@@ -224,6 +227,7 @@ class Topology:
                 "flop_per_s": None if math.isinf(compute.flop_per_s) else compute.flop_per_s,
                 "backward_ratio": compute.backward_ratio,
                 "call_overhead_s": compute.call_overhead_s,
+                "message_overhead_s": compute.message_overhead_s,
                 "kernels": [
                     {"pass": "backward" if k.backward else "forward", "q_rows": k.q_rows, "kv_rows": k.kv_rows,
                      "flop_per_s": k.flop_per_s}
@@ -290,6 +294,7 @@ def _check_topology(t: Topology) -> None:
     _positive(t.compute.flop_per_s, "compute.flop_per_s", allow_inf=True)
     _positive(t.compute.backward_ratio, "compute.backward_ratio")
     _non_negative(t.compute.call_overhead_s, "compute.call_overhead_s")
+    _non_negative(t.compute.message_overhead_s, "compute.message_overhead_s")
     for i, k in enumerate(t.compute.kernels):
         _count(k.q_rows, f"compute.kernels[{i}].q_rows")
         _count(k.kv_rows, f"compute.kernels[{i}].kv_rows")
@@ -478,7 +483,7 @@ def _link(raw: Any, where: str, extra: tuple[str, ...] = ()) -> Link:
 def _compute_from_json(raw: Any) -> Compute:
     if not isinstance(raw, dict):
         raise ProfileError(f"compute must be an object, got {raw!r}")
-    unknown = sorted(set(raw) - {"flop_per_s", "backward_ratio", "call_overhead_s", "kernels"})
+    unknown = sorted(set(raw) - {"flop_per_s", "backward_ratio", "call_overhead_s", "message_overhead_s", "kernels"})
     if unknown:
         raise ProfileError(f"unknown field compute.{unknown[0]}")
     flops = raw.get("flop_per_s", DEFAULT_TFLOPS * 1e12)
@@ -503,5 +508,6 @@ def _compute_from_json(raw: Any) -> Compute:
         flop_per_s=flops,
         backward_ratio=_positive(raw.get("backward_ratio", BACKWARD_FLOP_RATIO), "compute.backward_ratio"),
         call_overhead_s=_non_negative(raw.get("call_overhead_s", 0.0), "compute.call_overhead_s"),
+        message_overhead_s=_non_negative(raw.get("message_overhead_s", 0.0), "compute.message_overhead_s"),
         kernels=tuple(rates),
     )

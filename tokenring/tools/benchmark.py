@@ -12,7 +12,12 @@ Implementations (``--impl``, default all):
   CPU), rotating K/V with all-to-all (a true ring) and, when causal, its
   head-tail load balancing, which is our zigzag layout;
 * ``sdpa``: the same CPU operator on the whole sequence in one process with as
-  many threads as all ranks together: the limit a parallel run is compared with.
+  many threads as all ranks together: the limit a parallel run is compared with;
+* ``auto`` (only when named): ``algorithm="auto"``, the schedule the planner
+  (`tokenring.planner.choose`) predicts fastest on the workers' profile
+  (``--profile FILE`` sets ``TOKENRING_PROFILE`` for them); the row names what
+  it ran, e.g. ``auto (ring)``, or ``auto (tokenring / ring)`` when the
+  forward-only and the forward+backward calls chose differently.
 
 Every implementation's output (and gradients) is checked against a float64
 reference in the same run; a wrong one is marked and never counts as best.
@@ -46,6 +51,7 @@ from typing import Any
 from .table import format_table
 
 OTHER_IMPLEMENTATIONS = ("torch-ring", "sdpa")  # beside the engine's schedules
+AUTO = "auto"  # algorithm="auto": runs through the engine; not in the default --impl list
 
 
 def engine_names() -> tuple[str, ...]:
@@ -56,8 +62,27 @@ def engine_names() -> tuple[str, ...]:
 
 
 def implementation_names() -> tuple[str, ...]:
-    """Every ``--impl`` choice: the engine's schedules, then torch's ring engine and single-process SDPA."""
+    """The default ``--impl`` list: the engine's schedules, then torch's ring engine and single-process SDPA."""
     return (*engine_names(), *OTHER_IMPLEMENTATIONS)
+
+
+def runs_on_engine(impl: str) -> bool:
+    """Whether ``impl`` runs through `token_ring_attn` (a registered schedule, or ``auto``)."""
+    return impl == AUTO or impl in engine_names()
+
+
+def resolve_auto(case: "Case", world_size: int, needs_grad: bool) -> str:
+    """The schedule ``case.impl`` stands for: itself, or what `tokenring.planner.choose` picks for the call.
+
+    The profile is the planner's default (``TOKENRING_PROFILE``, which
+    ``--profile`` sets for the workers).
+    """
+    if case.impl != AUTO:
+        return case.impl
+    from ..planner import choose
+
+    problem = case.problem()
+    return choose(problem.shape(world_size), case.causal, problem.resolved_layout, world_size, needs_grad).algorithm
 
 
 # -- what runs on each rank ----------------------------------------------------------
@@ -97,7 +122,7 @@ class Case:
     def problem(self):
         from .problems import Problem
 
-        algorithm = self.impl if self.impl in engine_names() else "tokenring"
+        algorithm = self.impl if runs_on_engine(self.impl) else "tokenring"
         return Problem(
             seed=self.seed, batch=self.batch, seq_len=self.seq_len, q_heads=self.heads, kv_heads=self.kv_heads,
             head_dim=self.head_dim, dtype=self.dtype, causal=self.causal, algorithm=algorithm, backend="cpu",
@@ -190,7 +215,7 @@ def measure(rank: int, world_size: int, case: Case, timeout_s: float) -> dict:
     dout = tokenring.shard(problem.grad_output(), rank, world_size, layout=layout).contiguous()
     os.environ["TOKENRING_TIMEOUT_S"] = str(timeout_s)
 
-    if case.impl in engine_names():
+    if runs_on_engine(case.impl):
         kwargs = dict(causal=case.causal, group=_GROUP, algorithm=case.impl, backend="cpu")
 
         def forward():
@@ -250,7 +275,13 @@ def measure(rank: int, world_size: int, case: Case, timeout_s: float) -> dict:
 
     # One instrumented call of each kind: time in kernels, waits, and messages alone.
     extra: dict[str, Any] = {}
-    if case.impl in engine_names():
+    if case.impl == AUTO:  # what the calls ran: the forward-only call's choice may differ from the training one's
+        n = dist.get_world_size(_GROUP)
+        extra["auto_fwd"] = resolve_auto(case, n, needs_grad=False)
+        extra["auto_fwdbwd"] = resolve_auto(case, n, needs_grad=True)
+        chosen = tokenring.last_choice()
+        extra["auto_choice"] = chosen.describe() if chosen is not None else None
+    if runs_on_engine(case.impl):
         with timeline.collect() as fwd_lines:
             dist.barrier()
             forward()
@@ -294,8 +325,9 @@ def _comm_alone(case: Case, q, k, v, dout, timeout_s: float) -> dict:
     executor = Executor(registry.get("cpu").create_comm(_GROUP), _NullKernel())
     layout = case.problem().resolved_layout
     n = dist.get_world_size(_GROUP)
-    plan = build_plan(case.impl, layout, case.causal, n)
-    backward_plan = build_plan(case.impl, layout, case.causal, n, backward=True)
+    # "auto": the forward-only call's choice forward, the training call's choice backward.
+    plan = build_plan(resolve_auto(case, n, needs_grad=False), layout, case.causal, n)
+    backward_plan = build_plan(resolve_auto(case, n, needs_grad=True), layout, case.causal, n, backward=True)
     fwd, bwd = [], []
     with timeline.quiet():  # not the user's calls: keep them out of traces
         for _ in range(max(case.repeats, 1)):
@@ -424,7 +456,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     parser.add_argument("--impl", default=",".join(implementation_names()),
-                        help="comma-separated implementations (default: %(default)s)")
+                        help="comma-separated implementations, and 'auto' (the planner's choice; only when named) "
+                             "(default: %(default)s)")
     parser.add_argument("--world-size", type=positive_int, default=4, help="ranks (default: %(default)s)")
     parser.add_argument("--seq-len", type=comma_separated(positive_int), default=[4096],
                         help="full sequence length(s), comma-separated to sweep (default: 4096)")
@@ -453,6 +486,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", metavar="DIR",
                         help="record every engine call's timeline under DIR (needs the tokenring-trace plugin; "
                              "timings then include tracing); render with `tokenring-trace DIR`")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="the profile --impl auto plans with: sets TOKENRING_PROFILE for the ranks "
+                             "(default: the planner's default profile, see `tokenring calibrate`)")
     parser.add_argument("--chart", metavar="PATH", default="tokenring-bench.png",
                         help="PNG chart path, '' for none (default: %(default)s; needs matplotlib)")
 
@@ -494,7 +530,7 @@ def validate_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace
     """
     from .options import check_problem
 
-    known = implementation_names()
+    known = (*implementation_names(), AUTO)
     impls = [name.strip() for name in args.impl.split(",") if name.strip()]
     unknown = [name for name in impls if name not in known]
     if unknown or not impls:
@@ -551,17 +587,29 @@ def command(args: argparse.Namespace) -> int:
 
 
 def _open_network(args, n):
-    if args.network == "loopback":
+    return open_network(args.network, n, args.link_gbps[0], args.latency_us)
+
+
+def open_network(kind: str, world_size: int, link_gbps: float, latency_us: float = 0.0):
+    """Set up the emulated network ``kind`` (`tokenring.tools.netem`) for ``world_size`` ranks.
+
+    Returns (network, None), or (None, why) when it cannot be emulated here
+    and the run may fall back to loopback; ``kind`` "loopback" gives (None,
+    None). Asking for latency where it cannot be emulated stops with an
+    error. Tear the network down with ``network.teardown()``; give each
+    rank ``network.rank_settings(rank)`` through `join_network`.
+    """
+    if kind == "loopback":
         return None, None
     from .netem import Network, NetworkUnavailable
 
-    network = Network(args.network, n, args.link_gbps[0], args.latency_us)
+    network = Network(kind, world_size, link_gbps, latency_us)
     try:
         network.setup()
     except NetworkUnavailable as reason:
-        if args.latency_us > 0:
+        if latency_us > 0:
             raise SystemExit(f"error: {reason}") from None
-        print(f"warning: cannot emulate {args.network}: {reason}; falling back to loopback", file=sys.stderr)
+        print(f"warning: cannot emulate {kind}: {reason}; falling back to loopback", file=sys.stderr)
         return None, str(reason)
     print(f"network: {network.describe()}", file=sys.stderr)
     return network, None
@@ -580,6 +628,8 @@ def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
     env = {"TOKENRING_TIMEOUT_S": str(args.timeout), "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     if args.trace:
         env["TOKENRING_TRACE_DIR"] = os.path.abspath(args.trace)
+    if getattr(args, "profile", None):
+        env["TOKENRING_PROFILE"] = os.path.abspath(args.profile)
     rows: list[dict] = []
     # Each wait inside a call is bounded by --timeout and names its rank and step; this outer
     # bound only catches a world that stopped answering altogether.
@@ -648,7 +698,7 @@ def _row(case: Case, network: str, rate, n: int, threads: int, measured, want: d
             "kernel_fwdbwd_s_per_rank": kernel,
             "overhead": statistics.mean(fwdbwd / k for k in kernel) if all(k > 0 for k in kernel) else None,
         }
-        if case.impl in engine_names():
+        if runs_on_engine(case.impl):
             extra["comm_alone_fwd_s"] = max(r["comm_alone_fwd_s"] for r in measured)
             extra["comm_alone_bwd_s"] = max(r["comm_alone_bwd_s"] for r in measured)
             extra["wait_fwd_s_per_rank"] = [r["wait_fwd_s"] for r in measured]
@@ -657,6 +707,11 @@ def _row(case: Case, network: str, rate, n: int, threads: int, measured, want: d
             extra["comm_alone_bwd_s_per_rank"] = [r["comm_alone_bwd_s"] for r in measured]
             extra["hidden_comm_fwd"] = _hidden(extra["wait_fwd_s_per_rank"], extra["comm_alone_fwd_s_per_rank"])
             extra["hidden_comm_bwd"] = _hidden(extra["wait_bwd_s_per_rank"], extra["comm_alone_bwd_s_per_rank"])
+        if case.impl == AUTO:
+            first = measured[0]
+            extra["auto_fwd"], extra["auto_fwdbwd"] = first["auto_fwd"], first["auto_fwdbwd"]
+            extra["auto_choice"] = first.get("auto_choice")
+            extra["label"] = auto_label(first["auto_fwd"], first["auto_fwdbwd"])
     errors = {name: _rel_err(got[name], want[name]) for name in want}
     if case.impl != "sdpa":
         # Timed calls that drifted from the checked one make the row wrong too.
@@ -687,6 +742,11 @@ def _row(case: Case, network: str, rate, n: int, threads: int, measured, want: d
         "parallel_efficiency": efficiency,
         **extra,
     }
+
+
+def auto_label(forward: str, training: str) -> str:
+    """How a row of ``auto`` reads: "auto (ring)", or "auto (tokenring / ring)": forward-only / training choice."""
+    return f"auto ({forward})" if forward == training else f"auto ({forward} / {training})"
 
 
 def _hidden(waits: list[float], alone: list[float]) -> float | None:
@@ -726,10 +786,10 @@ def _table_rows(rows: list[dict]) -> list[tuple]:
     for r in rows:
         hidden = (
             f"{_fmt(r.get('hidden_comm_fwd'), '.0%')}/{_fmt(r.get('hidden_comm_bwd'), '.0%')}"
-            if r["impl"] in engine_names() else "-"
+            if runs_on_engine(r["impl"]) else "-"
         )
         table.append((
-            r["impl"], r["network"], _fmt(r["link_gbps"], "g"), r["seq_len"],
+            r.get("label", r["impl"]), r["network"], _fmt(r["link_gbps"], "g"), r["seq_len"],
             _fmt(r["fwd_s"] * 1e3, ".1f"), _fmt(r.get("ratio_fwd"), ".2f"),
             _fmt(r["fwdbwd_s"] * 1e3, ".1f"), _fmt(r.get("ratio_fwdbwd"), ".2f"),
             _fmt(r["parallel_efficiency"], ".2f"), _fmt(r.get("overhead"), ".2f"), hidden,
@@ -752,7 +812,7 @@ def _chart(rows: list[dict], path: str) -> str | None:
     for r in rows:
         if r["impl"] != "sdpa" and (r["seq_len"], r["link_gbps"]) not in configs:
             configs.append((r["seq_len"], r["link_gbps"]))
-    impls = [i for i in implementation_names() if any(r["impl"] == i for r in rows)]
+    impls = [i for i in (*implementation_names(), AUTO) if any(r["impl"] == i for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(configs) + 4), 4.5), squeeze=False)
     width = 0.8 / max(len(impls), 1)
     network = next((r["network"] for r in rows if r["impl"] != "sdpa"), "loopback")
@@ -763,7 +823,8 @@ def _chart(rows: list[dict], path: str) -> str | None:
                 match = [r for r in rows if r["impl"] == impl and r["seq_len"] == seq_len
                          and (impl == "sdpa" or r["link_gbps"] == rate)]
                 heights.append(match[0][key] * 1e3 if match and match[0]["passed"] else 0.0)
-            ax.bar([c + (index - (len(impls) - 1) / 2) * width for c in range(len(configs))], heights, width, label=impl)
+            label = impl if impl != AUTO else next((r.get("label", impl) for r in rows if r["impl"] == impl), impl)
+            ax.bar([c + (index - (len(impls) - 1) / 2) * width for c in range(len(configs))], heights, width, label=label)
         ax.set_xticks(range(len(configs)))
         ax.set_xticklabels([f"S={s}" + (f"\n{g:g} Gbit/s" if g else "") for s, g in configs], fontsize=8)
         ax.set_ylabel("ms (slowest rank's median)")
