@@ -26,6 +26,17 @@ process, transformers 5.23.0):
   ``window=(W - 1, -1)`` (causal; ``(W - 1, W - 1)`` otherwise), transformers'
   rule that key j is visible to query i when i - j < W.
 
+Generation: ``tokenring_transformers.generate(model, input_ids, **generate_kwargs)``,
+called on every rank with the same full prompt, decodes greedily over a
+sequence-sharded KV cache (`tokenring.inference.ShardedKVCache`): each rank
+prefills only its share of the prompt and keeps about 1/N of every layer's
+cached keys/values, every rank decodes the new token, and every rank returns
+the same sequences, token for token those of ``model.generate`` in one
+process (`tokenring_transformers.generation`). The model sees the cache as
+``past_key_values``, a `TokenRingCache` (a ``transformers.Cache``), and the
+registered attention function attends to it with
+`tokenring.inference.attend_with_cache`.
+
 Registration goes through transformers' public ``AttentionInterface.register``
 and ``AttentionMaskInterface.register``. TokenRing masks by position and
 document, so the mask hook builds no mask; it exists so that a padding
@@ -46,7 +57,10 @@ import tokenring
 from tokenring.layout import default_layout, parse_layout, shard
 from tokenring.sequence import document_positions, local_positions, rank_and_world_size
 
-__all__ = ["DEFAULT_NAME", "TESTED_TRANSFORMERS_VERSIONS", "make_attention_function", "make_mask_function", "register"]
+from ._state import registered_settings, take_pending
+
+__all__ = ["DEFAULT_NAME", "TESTED_TRANSFORMERS_VERSIONS", "TokenRingCache", "generate", "make_attention_function",
+           "make_mask_function", "register"]
 __version__ = "0.1.0"
 
 DEFAULT_NAME = "tokenring"
@@ -98,6 +112,14 @@ def make_attention_function(
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         # transformers hands over (B, H, S, D) and expects (B, S, H, D) back.
+        pending = take_pending(module)
+        if pending is not None:  # past_key_values is a TokenRingCache: attend to the sharded cache
+            from .generation import attend_cached
+
+            unsupported = _unsupported_feature(kwargs)
+            if unsupported is not None:
+                raise tokenring.InputError(unsupported)
+            return attend_cached(*pending, query, key, value, attention_mask, dropout, scaling, kwargs, algorithm)
         rank, world_size = rank_and_world_size(group)
         seq_len = query.shape[2] * world_size
         unsupported = _unsupported_feature(kwargs)
@@ -249,7 +271,7 @@ def _problem(query, key, attention_mask, dropout, position_ids, layout, rank, wo
     if key.shape[2] != query.shape[2]:
         return (
             f"keys ({key.shape[2]}) outnumber queries ({query.shape[2]}): a KV cache is in use; "
-            f"call the model with use_cache=False"
+            f"call the model with use_cache=False, or generate with tokenring_transformers.generate"
         )
     seq_local = query.shape[2]
     facts = (seq_local, world_size, rank, layout, bounds)
@@ -309,5 +331,21 @@ def register(name: str = DEFAULT_NAME, **settings: Any) -> str:
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(name, make_attention_function(**settings))
+    registered_settings[name] = dict(settings)
     AttentionMaskInterface.register(name, make_mask_function(group=settings.get("group")))
     return name
+
+
+def generate(model: Any, input_ids: torch.Tensor, **generate_kwargs: Any) -> torch.Tensor:
+    """Greedy generation over a sequence-sharded KV cache, on every rank; see `tokenring_transformers.generation`."""
+    from .generation import generate as _generate
+
+    return _generate(model, input_ids, **generate_kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TokenRingCache":  # imports transformers' cache classes only when asked for
+        from .generation import TokenRingCache
+
+        return TokenRingCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -168,3 +168,44 @@ def layer_call_costs(rank: int, world_size: int, seed: int, seq_len: int = 16, p
             model(**arguments)
         costs[case] = {n: c for n, c in counts.items() if n.startswith("c10d.") or "_local_scalar_dense" in n}
     return costs
+
+
+def generation_model(seed: int, attn_implementation: str, state: bytes | None = None, **config):
+    """A LlamaForCausalLM for generation tests: SMALL_LLAMA with ``config`` (e.g. num_key_value_heads), float64.
+
+    float64 (on both sides of the comparison) keeps rounding far below the gaps between a random model's logits,
+    so greedy tokens compare exactly; positions reach 8192.
+    """
+    config = dict(dict(max_position_embeddings=8192, initializer_range=0.2), **config)
+    return build_model("llama", seed, attn_implementation, state, **config).to(torch.float64).eval()
+
+
+def generate_tokens(rank: int, world_size: int, state: bytes, config: dict, prompt: bytes,
+                    generate_kwargs: dict) -> dict:
+    """`tokenring_transformers.generate` on this rank: the sequences, and this rank's share of the cache."""
+    import time
+
+    import tokenring_transformers
+    from tokenring_transformers import generation
+
+    name = tokenring_transformers.register()
+    model = generation_model(0, name, state, **config)
+    created = []
+    original = generation.ShardedKVCache
+
+    def recording(*args, **kwargs):
+        cache = original(*args, **kwargs)
+        created.append(cache)
+        return cache
+
+    generation.ShardedKVCache = recording
+    try:
+        start = time.perf_counter()
+        generate_kwargs = {k: from_bytes(v) if isinstance(v, bytes) else v for k, v in generate_kwargs.items()}
+        sequences = tokenring_transformers.generate(model, from_bytes(prompt), **generate_kwargs)
+        seconds = time.perf_counter() - start
+    finally:
+        generation.ShardedKVCache = original
+    cache = created[-1]
+    return {"sequences": sequences.tolist(), "seconds": seconds, "lengths": list(cache.lengths),
+            "cache_bytes": cache.nbytes()}
