@@ -26,6 +26,7 @@ def _verdict(plan: Plan, method: str) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_every_schedule_builds_and_proves_forward_and_backward_at_64_quickly():
     """Generous: a loaded 2-core machine. (The multi-ring plans are the largest: N^2 x N/2 blocks; zigzag doubles
     their pieces, so this takes the contiguous causal form.)"""

@@ -406,6 +406,7 @@ def test_predict_all_covers_every_schedule_and_names_the_fastest():
     json.dumps(comparison.to_json())
 
 
+@pytest.mark.slow
 def test_simulating_1024_ranks_takes_seconds():
     plan = one_hop_plan(False, 1024)  # the registered builders are too slow at this size; see docs/planner.md
     shape = ProblemShape(1, 1024, 32, 32, 128, 2)

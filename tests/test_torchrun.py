@@ -115,6 +115,8 @@ ONE_NODE = {
     "long_context_prefill": (_example("long_context_prefill.py", "--seq-len", "4096"),
                              lambda out: re.search(r"^OK: budget .* every one of 2 ranks", out, re.M)
                              and "2 ranks vs 1 process: relative error" in out),
+    "generate": (_example("generate.py", "--prompt-len", "96", "--new-tokens", "6"),
+                 lambda out: re.search(r"^OK: 2 ranks generated the same tokens as one process", out, re.M)),
 }
 
 

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from .masks import TokenMask
 
 
+class PlanError(AssertionError):
+    """The plan would compute something other than exact attention (raised by `tokenring.plancheck`)."""
+
+
 @dataclass(frozen=True)
 class Span:
     """The rows [start, stop) of a shard, as fractions of its length (0 <= start < stop <= 1)."""

@@ -21,15 +21,11 @@ from collections import Counter, defaultdict
 from .interfaces import Mask
 from .layout import rank_chunks
 from .masks import TokenMask, full_sequence_mask
-from .plan import ALL, Block, Payload, Plan, Span, Transfer
+from .plan import ALL, Block, Payload, Plan, PlanError, Span, Transfer
 
 FULL = "full"
 DIAGONAL = "diagonal"
 Pair = tuple[int, int, str]  # (global query atom, global key atom, how they meet)
-
-
-class PlanError(AssertionError):
-    """The plan would compute something other than exact attention."""
 
 
 class _Atoms:

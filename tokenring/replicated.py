@@ -31,8 +31,7 @@ from collections import Counter
 
 from .interfaces import Mask
 from .layout import Layout
-from .plan import ALL, Block, Payload, Plan, Span, Step, Transfer
-from .plancheck import PlanError
+from .plan import ALL, Block, Payload, Plan, PlanError, Span, Step, Transfer
 
 MERGES = ("gather", "tree")
 
