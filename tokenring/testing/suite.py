@@ -400,9 +400,11 @@ CAUSAL = pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"]
 
 def _problem(backend_name: str, backend: Backend, seed: int, world_size: int, **changes) -> Problem:
     q_heads, kv_heads = usual_heads(backend)
+    # 8 rows per rank, or the least multiple of 8 the schedule's pieces divide (tokenring-multi at N = 8 cuts 16).
+    rows = fitting_seq_local(8, changes.get("algorithm", "tokenring"), bool(changes.get("causal", False)), world_size)
     base = Problem(
-        seed, batch=2, seq_len=8 * world_size, q_heads=q_heads, kv_heads=kv_heads, head_dim=usual_head_dim(backend),
-        dtype=dtype_name(usual_dtype(backend)), backend=backend_name,
+        seed, batch=2, seq_len=rows * world_size, q_heads=q_heads, kv_heads=kv_heads,
+        head_dim=usual_head_dim(backend), dtype=dtype_name(usual_dtype(backend)), backend=backend_name,
     )
     return base.with_(**changes)
 
