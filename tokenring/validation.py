@@ -143,10 +143,10 @@ def mask_arguments(
         boundaries, problem = _boundaries(cu_seqlens, q.shape[1] * world_size)
         if problem is not None:
             return None, None, f"argument 'cu_seqlens': {problem}"
-        if q.shape[0] != 1:
-            return None, None, f"argument 'q': cu_seqlens needs batch size 1 (documents packed along S), got {q.shape[0]}"
         if not backend.capabilities.varlen:
             return None, None, f"argument 'cu_seqlens': backend {backend.name!r} does not support packed documents (varlen)"
+        if q.shape[0] != 1:
+            return None, None, f"argument 'q': cu_seqlens needs batch size 1 (documents packed along S), got {q.shape[0]}"
     parsed_window = None
     if window is not None:
         if (not isinstance(window, (tuple, list)) or len(window) != 2
