@@ -196,10 +196,10 @@ def test_a_rank_of_padding_only_gets_zeros_not_nan(worlds, seed, algorithm):
 # -- bad input: every rank raises, naming the argument --
 
 BAD = {
-    "boundaries not increasing": ({"all": {"cu_seqlens": [0, 8, 8, 24]}}, ["argument 'cu_seqlens'", "increasing"], None),
+    "boundaries not increasing": ({"all": {"cu_seqlens": [0, 8, 8, 24]}}, ["argument 'cu_seqlens'", "increase strictly"], None),
     "past the end": ({"all": {"cu_seqlens": [0, 30]}}, ["argument 'cu_seqlens'", "past the sequence's end"], None),
     "float tensor on one rank": ({1: {"cu_seqlens": torch.tensor([0.0, 24.0])}}, ["argument 'cu_seqlens'", "int32"], 1),
-    "not starting at 0": ({"all": {"cu_seqlens": [2, 24]}}, ["argument 'cu_seqlens'", "starting at 0"], None),
+    "not starting at 0": ({"all": {"cu_seqlens": [2, 24]}}, ["argument 'cu_seqlens'", "start at 0"], None),
     "window not a pair": ({"all": {"window": (3,)}}, ["argument 'window'", "(left, right)"], None),
     "window below -1": ({2: {"window": (-2, 0)}}, ["argument 'window'", ">= -1"], 2),
 }

@@ -100,13 +100,12 @@ def unshard(parts: Sequence[torch.Tensor], *, layout: "Layout | str", dim: int =
 
 
 def _document_runs(seq_len: int, world_size: int, layout: Layout, cu_seqlens, dim: int):
+    from .documents import validate_cu_seqlens
     from .masks import layout_runs
 
     if seq_len % world_size:
         raise ValueError(f"sequence length {seq_len} (dim {dim}) must be divisible by the world size {world_size}")
-    values = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
-    if (len(values) < 2 or values[0] != 0 or any(b <= a for a, b in zip(values, values[1:]))
-            or values[-1] > seq_len):
-        raise ValueError(f"cu_seqlens must be [0, l1, l1+l2, ...] strictly increasing and at most the sequence "
-                         f"length {seq_len}, got {values[:16]}")
+    values = validate_cu_seqlens(cu_seqlens)
+    if values[-1] > seq_len:
+        raise ValueError(f"cu_seqlens ends at {values[-1]}, past the sequence length {seq_len}")
     return layout_runs(seq_len, world_size, layout.value, tuple(int(v) for v in values))

@@ -19,10 +19,10 @@ fully visible? which rows at all?) cost O(rows · log rows), never rows².
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 import torch
@@ -165,10 +165,6 @@ def visibility(mask: TokenMask, q_owner: int, q_rows: tuple[int, int], kv_owner:
     kv_stop = int((first[seeing] + count[seeing]).max())
     full = entries == (q_rows[1] - q_rows[0]) * width
     return BlockVisibility(False, full, q_hull, (kv_rows[0] + kv_first, kv_rows[0] + kv_stop), entries)
-
-
-def rows_to_span_bounds(rows: tuple[int, int], length: int) -> tuple[Fraction, Fraction]:
-    return Fraction(rows[0], length), Fraction(rows[1], length)
 
 
 # -- per-rank tables, computed once per mask (the mask is hashable plan data) --
@@ -361,19 +357,13 @@ def _runs_segments(mask: TokenMask, all_runs: tuple[Runs, ...]) -> tuple[tuple[S
                 if position >= bounds[-1]:
                     document, end = -1, stop
                 else:
-                    document = _bisect_right(bounds, position) - 1
+                    document = bisect.bisect_right(bounds, position) - 1
                     end = min(stop, bounds[document + 1])
                 segments.append(Segment(row, position, end - position, document))
                 row += end - position
                 position = end
         tables.append(tuple(segments))
     return tuple(tables)
-
-
-def _bisect_right(values: tuple[int, ...], x: int) -> int:
-    import bisect
-
-    return bisect.bisect_right(values, x)
 
 
 def segments(mask: TokenMask, rank: int) -> tuple[Segment, ...]:

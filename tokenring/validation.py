@@ -161,21 +161,13 @@ def mask_arguments(
 
 
 def _boundaries(cu_seqlens: Any, seq_len: int) -> tuple[tuple[int, ...] | None, str | None]:
-    if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1:
-            return None, f"expected a 1-D int32 or int64 tensor, got {_describe(cu_seqlens)}"
-        values = cu_seqlens.tolist()
-    elif isinstance(cu_seqlens, (list, tuple)) and all(
-        isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens
-    ):
-        values = list(cu_seqlens)
-    else:
-        return None, f"expected a 1-D int32 or int64 tensor or a list of ints, got {_describe(cu_seqlens)}"
-    if len(values) < 2 or values[0] != 0:
-        return None, f"expected [0, l1, l1+l2, ..., S] starting at 0 with at least one document, got {values[:8]}"
-    if any(b <= a for a, b in zip(values, values[1:])):
-        return None, f"expected strictly increasing boundaries (every document at least one token), got {values[:16]}"
+    from .documents import validate_cu_seqlens
+
+    try:
+        values = validate_cu_seqlens(cu_seqlens)
+    except ValueError as error:
+        return None, str(error).removeprefix("cu_seqlens ")
     if values[-1] > seq_len:
         return None, (f"the last boundary {values[-1]} is past the sequence's end S = {seq_len} "
                       "(S_local x world size)")
-    return tuple(values), None
+    return values, None
