@@ -37,10 +37,10 @@ from threaded_world import ThreadComm, _Mailboxes
 class ThreadedCaches:
     """N caches whose executors talk through threads; ``run(fn)`` calls fn(rank, cache) on every rank at once."""
 
-    def __init__(self, n, **kwargs):
+    def __init__(self, n, kernel=CpuSdpaKernel, **kwargs):
         mail = _Mailboxes()
         self.comms = [ThreadComm(r, n, mail) for r in range(n)]
-        self.caches = [ShardedKVCache(executor=Executor(c, CpuSdpaKernel()), **kwargs) for c in self.comms]
+        self.caches = [ShardedKVCache(executor=Executor(c, kernel()), **kwargs) for c in self.comms]
         self.n = n
         self.sent = []
 
@@ -235,11 +235,19 @@ def test_a_rank_without_cached_tokens_still_gets_the_exact_output():
     assert world.caches[0].lengths == [1, 1, 0, 0]
 
 
-def test_non_finite_keys_give_nan_not_a_finite_wrong_answer():
-    q, k, v = random_sequence(6, 1, 12, 2, 2)
-    k[0, 3, 0, 0] = float("inf")
-    world = ThreadedCaches(2, num_layers=1, batch=1, kv_heads=2, head_dim=8, dtype=torch.float64)
-    got, _ = run_chunks(world, [8, 4], q, k, v)
+@pytest.mark.parametrize("kernel", ["cpu", "zeros-for-non-finite-rows"])
+@pytest.mark.parametrize("algorithm", ["tokenring", "ring"])
+@pytest.mark.parametrize("name", ["k", "v"])
+def test_non_finite_keys_give_nan_not_a_finite_wrong_answer(name, algorithm, kernel):
+    """Whatever the kernel does with the rows it cannot compute (tests/test_non_finite.py): later chunks and
+    decoded tokens that see a cached non-finite key or value come out NaN."""
+    from test_non_finite import KERNELS
+
+    q, k, v = random_sequence(6, 1, 14, 2, 2)
+    {"k": k, "v": v}[name][0, 3, 0, 0] = float("inf")
+    world = ThreadedCaches(2, kernel=KERNELS[kernel], num_layers=1, batch=1, kv_heads=2, head_dim=8,
+                           dtype=torch.float64)
+    got, _ = run_chunks(world, [8, 4, 1, 1], q, k, v, algorithm=algorithm)
     assert torch.isnan(got[:, 8:]).all()
 
 

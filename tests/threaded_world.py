@@ -67,14 +67,18 @@ class ThreadComm(Comm):
         raise AssertionError("the executor never gathers")
 
 
-def run_plan(plan, shards, *, scale: float, backward_plan=None, douts=None, timeout_s: float = 30.0):
-    """Run ``plan`` on every rank: shards[r] = (q, k, v). Returns per-rank results and sent traffic."""
+def run_plan(plan, shards, *, scale: float, backward_plan=None, douts=None, timeout_s: float = 30.0,
+             kernel=CpuSdpaKernel):
+    """Run ``plan`` on every rank: shards[r] = (q, k, v). Returns per-rank results and sent traffic.
+
+    ``kernel``: makes each rank's `AttentionKernel` (default: the CPU backend's).
+    """
     n = plan.world_size
     mail = _Mailboxes()
     comms = [ThreadComm(r, n, mail) for r in range(n)]
 
     def one(rank):
-        executor = Executor(comms[rank], CpuSdpaKernel())
+        executor = Executor(comms[rank], kernel())
         q, k, v = shards[rank]
         out, lse = executor.forward(plan, q, k, v, scale=scale, timeout_s=timeout_s)
         if backward_plan is None:

@@ -15,7 +15,7 @@ import torch
 from . import timeline
 from .agreement import AgreedCall, Agreement, PeerAborted, is_marker, marker_tensor, markers_readable
 from .buffers import RESULTS, BufferPool, Holdings, Key, narrow
-from .finite import nan_if_not_finite
+from .finite import poison_of, poisoned, witness
 from .interfaces import AttentionKernel, Channel, Comm, Handle, Mask, PositionMask, Recv, Send, accumulation_dtype
 from .masks import cached_position_mask
 from .merge import merge_partial_
@@ -33,16 +33,16 @@ class Executor:
         self.auto_choice = None  # the last algorithm="auto" choice on this comm (tokenring.planner.Choice)
 
     def forward(self, plan: Plan, q, k, v, *, scale: float, timeout_s: float,
-                keys_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out, lse) of this rank's queries.
+                kv_poison: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of this rank's queries; NaN wherever a non-finite q, k or v reaches (`tokenring.finite`).
 
-        ``keys_checked``: k is known to be all finite or all NaN (a KV cache whose rows went through
-        `tokenring.finite.nan_if_not_finite` as they were appended), so it is not read and copied again.
+        ``kv_poison``: the poison of k and v when the caller already knows it (a KV cache keeps it as
+        rows are appended, `tokenring.finite.poison_of`), so the whole cache is not read again.
 
         Raises `PeerAborted` when a peer sent a marker instead of a message
         (see `tokenring.agreement`), after playing the rest of the plan with markers.
         """
-        return _ForwardRun(self, plan, q, k, v, scale, keys_checked).run(timeout_s)
+        return _ForwardRun(self, plan, q, k, v, scale, kv_poison).run(timeout_s)
 
     def stop_agreed_call(self, call: AgreedCall, *, timeout_s: float) -> None:
         """Play ``call``'s plan with markers, so that peers running it stop and join the agreement."""
@@ -102,7 +102,8 @@ class _Run:
 
     query_payload = Payload.QUERY
 
-    def __init__(self, executor: Executor, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    def __init__(self, executor: Executor, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 kv_poison: torch.Tensor | None = None):
         self.comm, self.kernel, self.plan, self.scale = executor.comm, executor.kernel, plan, scale
         self.rank = self.comm.rank
         self.dtype, self.device = q.dtype, q.device
@@ -117,7 +118,14 @@ class _Run:
             raise ValueError(f"a causal plan needs keys/values as long as the queries per rank, got "
                              f"{k.shape[1]} and {q.shape[1]}")
         if any(t.payload is Payload.KEY_VALUE and t.src == self.rank == t.owner for _, t in plan.transfers()):
-            self.held.hold(Payload.KEY_VALUE, self.rank, ALL, {"kv": torch.stack((k, v))})
+            # Keys leave with their and the values' poison added in the copy that packs them (tokenring.finite).
+            kv = torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
+            if kv_poison is None:
+                kv[0].copy_(k)
+            else:
+                poisoned(k, kv_poison, out=kv[0])
+            kv[1].copy_(v)
+            self.held.hold(Payload.KEY_VALUE, self.rank, ALL, {"kv": kv})
         self.release_after = _release_schedule(plan, self.rank, self.query_payload)
         self.result_sends: dict[int, list[tuple[int, Transfer]]] = {}
         for index, t in plan.transfers():
@@ -239,12 +247,12 @@ class _Run:
 
 
 class _ForwardRun(_Run):
-    def __init__(self, executor, plan, q, k, v, scale, keys_checked=False):
-        # A NaN or infinity in q or k turns all of it into NaN (tokenring.finite): never a finite wrong answer.
-        q = nan_if_not_finite(q)
-        if not keys_checked:
-            k = nan_if_not_finite(k)
-        super().__init__(executor, plan, q, k, v, scale)
+    def __init__(self, executor, plan, q, k, v, scale, kv_poison=None):
+        # A NaN or infinity in q, k or v never comes out finite, whatever the kernel does with it: its
+        # poison is added to the partial results past the kernel (tokenring.finite).
+        self.query_poison = poison_of(q)
+        self.kv_poison = poison_of(k) + poison_of(v) if kv_poison is None else kv_poison
+        super().__init__(executor, plan, q, k, v, scale, self.kv_poison)
         # Only the forward is stopped by markers: the backward runs a call the ranks already agreed on.
         self.watch_markers = markers_readable(self.comm)
         self.held.hold(Payload.QUERY, self.rank, ALL, {"q": q})
@@ -252,19 +260,29 @@ class _ForwardRun(_Run):
         self.acc_lse: torch.Tensor | None = None
         self.q_shape = q.shape
 
-    def _accumulate(self, out: torch.Tensor, lse: torch.Tensor, span: Span) -> None:
+    def _start_accumulator(self) -> None:
+        """Every row as seeing nothing yet (out 0, lse -inf), or NaN when this rank's q is not finite."""
+        lse_shape = (self.shape.batch, self.shape.q_heads, self.shape.seq_local)
+        poison = self.query_poison.to(self.acc_dtype)
+        self.acc_out = poison.expand(self.q_shape).contiguous()
+        self.acc_lse = (poison + float("-inf")).expand(lse_shape).contiguous()
+
+    def _accumulate(self, out: torch.Tensor, lse: torch.Tensor, span: Span, poison: torch.Tensor | None) -> None:
+        """Fold a partial of ``span``'s rows in; ``poison`` is its keys/values' (None: the sender added it)."""
         if self.acc_out is None:
-            if span == ALL:  # the first contribution covers every row: take it as is
-                self.acc_out = out.to(self.acc_dtype, copy=True)
-                self.acc_lse = lse.to(self.acc_dtype, copy=True)
+            if span == ALL:  # the first contribution covers every row: take it as is, q's poison added
+                poison = self.query_poison if poison is None else poison + self.query_poison
+                self.acc_out = poisoned(out, poison, dtype=self.acc_dtype)
+                self.acc_lse = poisoned(lse, poison, dtype=self.acc_dtype)
                 return
-            self.acc_out = torch.zeros(self.q_shape, dtype=self.acc_dtype, device=self.device)
-            self.acc_lse = torch.full(
-                (self.shape.batch, self.shape.q_heads, self.shape.seq_local), float("-inf"),
-                dtype=self.acc_dtype, device=self.device,
-            )
-        assert self.acc_lse is not None
-        merge_partial_(narrow(self.acc_out, span, 1), narrow(self.acc_lse, span, 2), out, lse)
+            self._start_accumulator()
+        assert self.acc_out is not None and self.acc_lse is not None
+        merge_partial_(narrow(self.acc_out, span, 1), narrow(self.acc_lse, span, 2), out,
+                       lse if poison is None else lse + poison)
+
+    def _block_poison(self, block: Block, k: torch.Tensor) -> torch.Tensor:
+        # Keys that travelled were copied with their poison added: any element tells it.
+        return self.kv_poison if block.kv_owner == self.rank else witness(k)
 
     def _compute(self, block: Block) -> None:
         q = self.held.get(Payload.QUERY, block.q_owner, block.q_span)["q"]
@@ -272,19 +290,23 @@ class _ForwardRun(_Run):
         started = self.trace.clock()
         out, lse = self.kernel.forward(q, k, v, scale=self.scale, mask=self._kernel_mask(block))
         merged = self.trace.computed(self.step_index, started, block)
+        poison = self._block_poison(block, k)
         if block.q_owner == self.rank:
-            self._accumulate(out, lse, block.q_span)
+            self._accumulate(out, lse, block.q_span, poison)
         else:
             carrier = self._result_carrier(Payload.PARTIAL, block)
             pending = self.held.result(Payload.PARTIAL, block.q_owner, carrier)
             if pending is None and carrier == block.q_span:
-                packed = self.held.pack(Payload.PARTIAL, block.q_span, {"out": out, "lse": lse})
-                self.held.hold_message(Payload.PARTIAL, block.q_owner, block.q_span, packed)
+                buffer = self.held.message_buffer(Payload.PARTIAL, block.q_span)
+                sections = self.held.unpack(Payload.PARTIAL, block.q_span, buffer)
+                poisoned(out, poison, out=sections["out"])
+                poisoned(lse, poison, out=sections["lse"])
+                self.held.hold_message(Payload.PARTIAL, block.q_owner, block.q_span, buffer)
             else:  # several blocks' rows leave in one message: merge them here
                 if pending is None:
                     pending = self._empty_result(Payload.PARTIAL, block.q_owner, carrier)
                 rows = block.q_span.within(carrier)
-                merge_partial_(narrow(pending["out"], rows, 1), narrow(pending["lse"], rows, 2), out, lse)
+                merge_partial_(narrow(pending["out"], rows, 1), narrow(pending["lse"], rows, 2), out, lse + poison)
         self.trace.add(timeline.MERGE, self.step_index, merged, local=block.q_owner == self.rank)
 
     def _outgoing(self, t: Transfer) -> torch.Tensor:
@@ -299,7 +321,7 @@ class _ForwardRun(_Run):
     def _arrive(self, t: Transfer, buffer: torch.Tensor) -> None:
         if t.payload in (Payload.PARTIAL, Payload.MERGED):
             sections = self.held.unpack(t.payload, t.span, buffer)
-            self._accumulate(sections["out"], sections["lse"], t.span)
+            self._accumulate(sections["out"], sections["lse"], t.span, None)
             self.held.pool.give(buffer)
         else:
             self.held.hold_message(t.payload, t.owner, t.span, buffer)
@@ -309,9 +331,7 @@ class _ForwardRun(_Run):
             if self.plan.tokens is None:
                 raise RuntimeError(f"plan error: rank {self.rank} received no result for its queries")
             # Under a token mask a rank of padding only sees nothing: out 0, lse -inf.
-            self.acc_out = torch.zeros(self.q_shape, dtype=self.acc_dtype, device=self.device)
-            self.acc_lse = torch.full((self.shape.batch, self.shape.q_heads, self.shape.seq_local), float("-inf"),
-                                      dtype=self.acc_dtype, device=self.device)
+            self._start_accumulator()
         assert self.acc_out is not None and self.acc_lse is not None
         return self.acc_out.to(self.dtype), self.acc_lse
 

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from .executor import Executor
-from .finite import nan_if_not_finite
+from .finite import poison_of
 from .masks import Runs, TokenMask, clear_tables
 from .plan import Plan, ProblemShape
 from .plans import build_masked_plan, build_plan
@@ -200,6 +200,9 @@ class ShardedKVCache:
         capacity = 0 if max_tokens is None else -(-max_tokens // self.world_size) + 2
         self._keys = [self._zeros(capacity) for _ in range(num_layers)]
         self._values = [self._zeros(capacity) for _ in range(num_layers)]
+        # Per layer: NaN once a non-finite key or value was cached (tokenring.finite), so no call re-reads the
+        # cache for it.
+        self._kv_poison = [torch.zeros((), device=self.device) for _ in range(num_layers)]
         self.last_algorithm: str | None = None             # the schedule of the last prefill attention
 
     # -- bookkeeping -------------------------------------------------------------
@@ -281,6 +284,10 @@ class ShardedKVCache:
             self._executor = _open(_resolve_backend(self.backend, probe), group)
         return self._executor
 
+    def kv_poison(self, layer: int) -> torch.Tensor:
+        """0-dim: 0 while this rank's cached keys and values of ``layer`` are finite, NaN after (no host sync)."""
+        return self._kv_poison[layer]
+
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         chunk = self.chunk
         assert chunk is not None
@@ -295,6 +302,8 @@ class ShardedKVCache:
         elif count:
             self._keys[layer][:, row : row + count] = k
             self._values[layer][:, row : row + count] = v
+        if count:
+            self._kv_poison[layer] = self._kv_poison[layer] + poison_of(k) + poison_of(v)
         self._written.add(layer)
 
 
@@ -417,8 +426,9 @@ def attend_with_cache(
         from .api import timeout_s as default_timeout
 
         timeout_s = default_timeout()
-    # Keys enter the cache checked (tokenring.finite): the executor then never re-reads the whole cache for it.
-    cache._write(layer, nan_if_not_finite(k), v)
+    # The cache keeps its keys' and values' poison as they enter (tokenring.finite): no call re-reads the
+    # whole cache for it.
+    cache._write(layer, k, v)
     executor = cache.executor
     if chunk.replicated:
         key = (cache.world_size, cache.merge)
@@ -427,7 +437,7 @@ def attend_with_cache(
             plan = _decode_plans[key] = decode_plan(cache.world_size, cache.merge)
         with recording(executor.comm):
             out, lse = executor.forward(plan, q, cache.keys(layer), cache.values(layer), scale=scale,
-                                        timeout_s=timeout_s, keys_checked=True)
+                                        timeout_s=timeout_s, kv_poison=cache.kv_poison(layer))
         return (out, lse) if return_lse else out
     if algorithm == "auto":
         algorithm = choose_prefill_algorithm(cache, chunk, q.shape[2], q.element_size())
@@ -445,7 +455,8 @@ def attend_with_cache(
         q = padded
     keys, values = cache._keys[layer][:, :kv_rows], cache._values[layer][:, :kv_rows]
     with recording(executor.comm):
-        out, lse = executor.forward(plan, q, keys, values, scale=scale, timeout_s=timeout_s, keys_checked=True)
+        out, lse = executor.forward(plan, q, keys, values, scale=scale, timeout_s=timeout_s,
+                                    kv_poison=cache.kv_poison(layer))
     out, lse = out[:, :rows], lse[:, :, :rows]
     return (out, lse) if return_lse else out
 
