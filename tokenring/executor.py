@@ -1,11 +1,13 @@
 """Runs any `Plan`, forward or backward, on one rank.
 
-Each step: post the step's sends and receives (one batch per channel),
-compute the step's blocks while they are in flight, wait, fold in what
-arrived, and drop what no later step reads. That overlap is the algorithm.
-The tensors a rank holds and the message buffers live in
-`tokenring.buffers`; what happened when is told to a `tokenring.timeline`
-recorder, which does nothing when nobody listens.
+A plan is first lowered, once per (plan, rank, shape), into this rank's
+program (`tokenring.program`): numbered slots for every piece it will hold,
+integer rows for every span, and per step the posts, the blocks and the
+arrivals. The loop below only reads it. Each step: post the step's sends and
+receives (one batch per channel), compute the step's blocks while they are
+in flight, wait, fold in what arrived, and free what no later step reads.
+That overlap is the algorithm. What happened when is told to a
+`tokenring.timeline` recorder, which does nothing when nobody listens.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import torch
 
 from . import timeline
 from .agreement import AgreedCall, Agreement, PeerAborted, is_marker, marker_tensor, markers_readable
-from .buffers import RESULTS, BufferPool, Holdings, Key, narrow
+from .buffers import BufferPool
 from .finite import poison_of, poisoned, witness
-from .interfaces import AttentionKernel, Channel, Comm, Handle, Mask, PositionMask, Recv, Send, accumulation_dtype
+from .interfaces import AttentionKernel, Comm, Handle, Mask, Recv, Send, accumulation_dtype
 from .masks import cached_position_mask
 from .merge import merge_partial_
-from .plan import ALL, Block, Payload, Plan, ProblemShape, Span, Step, Transfer
+from .plan import Plan, ProblemShape
+from .program import LOCAL, Arrival, BlockOp, Message, Program, RecvOp, SendOp, Start, StepProgram, lower
+
+_PROGRAMS_KEPT = 64  # per executor: programs of the plans and shapes in use (a model has a few)
 
 
 class Executor:
@@ -31,6 +36,42 @@ class Executor:
         self.pool = BufferPool()
         self.agreement = Agreement()  # what the ranks of this comm last agreed on (tokenring.agreement)
         self.auto_choice = None  # the last algorithm="auto" choice on this comm (tokenring.planner.Choice)
+        # Keyed by the plan's identity (the plan is kept in the value, so the id stays its own): hashing a
+        # plan would read all of it on every call.
+        self._programs: dict[tuple[int, ProblemShape], tuple[Plan, Program]] = {}
+        self._masks: dict[tuple[int, torch.device], tuple[Plan, dict]] = {}
+
+    def program(self, plan: Plan, shape: ProblemShape) -> Program:
+        """This rank's program for ``plan`` on ``shape``, lowered on first use."""
+        key = (id(plan), shape)
+        found = self._programs.get(key)
+        if found is not None and found[0] is plan:
+            return found[1]
+        if len(self._programs) >= _PROGRAMS_KEPT:
+            self._programs.clear()
+        program = lower(plan, self.comm.rank, shape)
+        self._programs[key] = (plan, program)
+        return program
+
+    def masks_for(self, plan: Plan, device: torch.device):
+        """The position masks of ``plan``'s token-masked blocks on ``device``, made on first use."""
+        key = (id(plan), device)
+        found = self._masks.get(key)
+        if found is None or found[0] is not plan:
+            if len(self._masks) >= _PROGRAMS_KEPT:
+                self._masks.clear()
+            found = self._masks[key] = (plan, {})
+        made = found[1]
+
+        def mask(spec):
+            got = made.get(spec)
+            if got is None:
+                q_owner, q_rows, kv_owner, kv_rows = spec
+                assert plan.tokens is not None
+                got = made[spec] = cached_position_mask(plan.tokens, q_owner, q_rows, kv_owner, kv_rows, device)
+            return got
+
+        return mask
 
     def forward(self, plan: Plan, q, k, v, *, scale: float, timeout_s: float,
                 kv_poison: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,22 +83,25 @@ class Executor:
         Raises `PeerAborted` when a peer sent a marker instead of a message
         (see `tokenring.agreement`), after playing the rest of the plan with markers.
         """
-        return _ForwardRun(self, plan, q, k, v, scale, kv_poison).run(timeout_s)
+        if plan.causal and plan.tokens is None and k.shape[1] != q.shape[1]:
+            # The kernel aligns a causal mask to each block's bottom-right corner; spans of shards of
+            # different lengths would place it elsewhere than the plan's proof assumes.
+            raise ValueError(f"a causal plan needs keys/values as long as the queries per rank, got "
+                             f"{k.shape[1]} and {q.shape[1]}")
+        program = self.program(plan, problem_shape(q, k))
+        return _ForwardRun(self, program, plan, q, k, v, scale, kv_poison).run(timeout_s)
 
     def stop_agreed_call(self, call: AgreedCall, *, timeout_s: float) -> None:
         """Play ``call``'s plan with markers, so that peers running it stop and join the agreement."""
-        held = Holdings(self.pool, call.shape, call.dtype, accumulation_dtype(call.dtype), self.comm.device)
-        try:
-            for step in call.plan.steps:
-                _wait_all(_post_markers(self.comm, held, step), timeout_s)
-        finally:
-            held.release_all(failed=True)
+        play_markers(self.comm, self.pool, self.program(call.plan, call.shape), call.dtype, self.comm.device,
+                     timeout_s)
 
     def backward(
         self, plan: Plan, q, k, v, out, lse, dout, *, scale: float, timeout_s: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dq, dk, dv) of this rank's shard, in the inputs' dtypes."""
-        return _BackwardRun(self, plan, q, k, v, out, lse, dout, scale).run(timeout_s)
+        program = self.program(plan, problem_shape(q, k))
+        return _BackwardRun(self, program, plan, q, k, v, out, lse, dout, scale).run(timeout_s)
 
 
 def problem_shape(q: torch.Tensor, k: torch.Tensor) -> ProblemShape:
@@ -70,261 +114,309 @@ def problem_shape(q: torch.Tensor, k: torch.Tensor) -> ProblemShape:
     )
 
 
-def _post_markers(comm: Comm, held: Holdings, step: Step) -> list[Handle]:
-    """A marker in place of each of the step's sends; receives of the plan's sizes, so anything fits."""
-    handles = []
-    marker = marker_tensor(held.device)
-    for channel in (Channel.QUERY, Channel.PARTIAL):
-        sends = [Send(t.dst, marker) for t in step.transfers if t.src == comm.rank and t.payload.channel is channel]
-        recvs = [Recv(t.src, held.message_buffer(t.payload, t.span)) for t in step.transfers
-                 if t.dst == comm.rank and t.payload.channel is channel]
-        if sends or recvs:
-            handles.append(comm.exchange(sends, recvs, channel=channel, step=step.index))
-    return handles
-
-
 def _wait_all(handles: list[Handle], timeout_s: float) -> None:
     for handle in handles:
         handle.wait(timeout_s)
 
 
-class _Exchange:
-    """One step's posted messages: the handles to wait on and where each arrival lands."""
+class _Piece:
+    """What a slot holds: the sections of one piece, and the pooled message behind them, if any."""
 
-    def __init__(self) -> None:
-        self.handles: list[Handle] = []
-        self.received: list[tuple[Transfer, torch.Tensor]] = []
-        self.sent: list[torch.Tensor] = []  # kept alive until the wait
+    __slots__ = ("sections", "buffer")
+
+    def __init__(self, sections: dict[str, torch.Tensor], buffer: torch.Tensor | None = None) -> None:
+        self.sections, self.buffer = sections, buffer
 
 
 class _Run:
-    """The step loop shared by both passes; subclasses say what a block and an arrival do."""
+    """One pass of one program: the step loop, with what a block and an arrival do left to the pass."""
 
-    query_payload = Payload.QUERY
-
-    def __init__(self, executor: Executor, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                 kv_poison: torch.Tensor | None = None):
-        self.comm, self.kernel, self.plan, self.scale = executor.comm, executor.kernel, plan, scale
+    def __init__(self, executor: Executor, program: Program, plan: Plan, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.comm, self.kernel, self.program, self.plan = executor.comm, executor.kernel, program, plan
         self.rank = self.comm.rank
-        self.dtype, self.device = q.dtype, q.device
-        self.acc_dtype = accumulation_dtype(q.dtype)
-        self.shape = problem_shape(q, k)
-        executor.pool.keep_only_for((self.shape, self.dtype, self.device))
-        self.held = Holdings(executor.pool, self.shape, self.dtype, self.acc_dtype, self.device)
-        self.local_kv = (k, v)
-        if plan.causal and plan.tokens is None and k.shape[1] != q.shape[1]:
-            # The kernel aligns a causal mask to each block's bottom-right corner; spans of shards of
-            # different lengths would place it elsewhere than the plan's proof assumes.
-            raise ValueError(f"a causal plan needs keys/values as long as the queries per rank, got "
-                             f"{k.shape[1]} and {q.shape[1]}")
-        if any(t.payload is Payload.KEY_VALUE and t.src == self.rank == t.owner for _, t in plan.transfers()):
-            # Keys leave with their and the values' poison added in the copy that packs them (tokenring.finite).
-            kv = torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
-            if kv_poison is None:
-                kv[0].copy_(k)
-            else:
-                poisoned(k, kv_poison, out=kv[0])
-            kv[1].copy_(v)
-            self.held.hold(Payload.KEY_VALUE, self.rank, ALL, {"kv": kv})
-        self.release_after = _release_schedule(plan, self.rank, self.query_payload)
-        self.result_sends: dict[int, list[tuple[int, Transfer]]] = {}
-        for index, t in plan.transfers():
-            if t.src == self.rank and t.payload in (Payload.PARTIAL, Payload.GRAD_PARTIAL):
-                self.result_sends.setdefault(t.owner, []).append((index, t))
+        self.dtype, self.device = dtype, device
+        self.acc_dtype = accumulation_dtype(dtype)
+        self.pool = executor.pool
+        self.pool.keep_only_for((program.shape, dtype, device))
+        self.slots: list[_Piece | None] = [None] * program.slots
+        self.in_flight: list[torch.Tensor] = []  # pooled buffers of this step's sends: free after the wait
+        self.masks = executor.masks_for(plan, device)
         self.trace = timeline.recorder(self.rank, self.comm.world_size, plan.algorithm, plan.backward)
         self.step_index = 0
 
+    # -- the loop -----------------------------------------------------------------
+
     def run(self, timeout_s: float):
         failed = True
-        stopped: PeerAborted | None = None
         try:
-            for step in self.plan.steps:
+            for number, step in enumerate(self.program.steps):
                 self.step_index = step.index
+                handles, received = self._post(step)
+                for op in step.blocks:
+                    self._compute(op)
+                self._wait(handles, timeout_s)
+                stopped = _marker_in(received, self.rank, step.index) if self.watch_markers else None
                 if stopped is not None:
-                    _wait_all(_post_markers(self.comm, self.held, step), timeout_s)
-                    continue
-                exchange = self._post(step)
-                for block in step.blocks_of(self.rank):
-                    self._compute(block)
-                self._wait(exchange, timeout_s)
-                stopped = self._marker_in(exchange)
-                if stopped is not None:
-                    continue
+                    play_markers(self.comm, self.pool, self.program, self.dtype, self.device, timeout_s,
+                                 first_step=number + 1)
+                    raise stopped
                 merged = self.trace.clock()
-                for transfer, buffer in exchange.received:
-                    self._arrive(transfer, buffer)
-                self.trace.merged(step.index, merged, exchange.received)
-                for key in self.release_after.get(step.index, ()):
-                    self.held.release(key)
-            if stopped is not None:
-                raise stopped
+                for op, buffer in received:
+                    self._arrive(op, buffer)
+                self.trace.merged(step.index, merged, [(op.transfer, b) for op, b in received])
+                for slot in step.frees:
+                    self._free(slot)
             result = self.result()
             failed = False
         finally:
-            self.held.release_all(failed)
+            self._release_all(failed)
         self.trace.finish()
         return result
 
-    def _marker_in(self, exchange: "_Exchange") -> PeerAborted | None:
-        """Whether a peer stopped the call: a marker arrived in place of a message (host buffers only)."""
-        if not self.watch_markers:
-            return None
-        for transfer, buffer in exchange.received:
-            if is_marker(buffer):
-                return PeerAborted(self.rank, transfer.src, self.step_index)
-        return None
-
-    def _post(self, step: Step) -> _Exchange:
+    def _post(self, step: StepProgram) -> tuple[list[Handle], list[tuple[RecvOp, torch.Tensor]]]:
         """Hand the step's sends and receives to the Comm, one batch per channel."""
         started = self.trace.clock()
-        exchange = _Exchange()
-        for channel in (Channel.QUERY, Channel.PARTIAL):
-            sends = [Send(t.dst, self._outgoing(t)) for t in step.transfers
-                     if t.src == self.rank and t.payload.channel is channel]
+        handles, received, sent = [], [], []
+        for post in step.posts:
+            sends = [Send(op.transfer.dst, self._outgoing(op)) for op in post.sends]
             recvs = []
-            for t in step.transfers:
-                if t.dst == self.rank and t.payload.channel is channel:
-                    buffer = self.held.message_buffer(t.payload, t.span)
-                    exchange.received.append((t, buffer))
-                    recvs.append(Recv(t.src, buffer))
-            if sends or recvs:
-                exchange.sent.extend(s.tensor for s in sends)
-                exchange.handles.append(self.comm.exchange(sends, recvs, channel=channel, step=step.index))
-        if exchange.handles:
-            self.trace.posted(step, self.rank, started, exchange.sent, [b for _, b in exchange.received])
-        return exchange
+            for op in post.recvs:
+                buffer = self._take(op.message)
+                received.append((op, buffer))
+                recvs.append(Recv(op.transfer.src, buffer))
+            sent.extend(s.tensor for s in sends)
+            handles.append(self.comm.exchange(sends, recvs, channel=post.channel, step=step.index))
+        if handles:
+            self.trace.posted(step.step, self.rank, started, sent, [b for _, b in received])
+        self._sent = sent  # kept alive until the wait
+        return handles, received
 
-    def _outgoing(self, t: Transfer) -> torch.Tensor:
-        return self.held.outgoing(t)
-
-    def _wait(self, exchange: _Exchange, timeout_s: float) -> None:
+    def _wait(self, handles: list[Handle], timeout_s: float) -> None:
         started = self.trace.clock()
-        for handle in exchange.handles:
+        for handle in handles:
             handle.wait(timeout_s)
-        if exchange.handles:
+        if handles:
             self.trace.add(timeline.WAIT, self.step_index, started)
-        self.held.step_waited()
+        for buffer in self.in_flight:
+            self.pool.give(buffer)
+        self.in_flight.clear()
+        self._sent = []
 
-    def _key_value(self, owner: int, span: Span) -> tuple[torch.Tensor, torch.Tensor]:
-        if owner == self.rank:
-            k, v = self.local_kv
-            return narrow(k, span, 1), narrow(v, span, 1)
-        kv = self.held.get(Payload.KEY_VALUE, owner, span)["kv"]
-        return kv[0], kv[1]
+    # -- buffers --------------------------------------------------------------------
 
-    def _result_carrier(self, payload: Payload, block: Block) -> Span:
-        """The span of the message that will take this block's result home: the next one covering its rows."""
-        for index, t in self.result_sends.get(block.q_owner, ()):
-            if index > self.step_index and t.payload is payload and t.span.contains(block.q_span):
-                return t.span
-        raise RuntimeError(f"plan error: rank {self.rank} never sends the result of {block}")
+    def _take(self, message: Message) -> torch.Tensor:
+        if message.packed:
+            return self.pool.take((message.nbytes,), torch.uint8, self.device)
+        _, shape, accumulator, _, _, _ = message.sections[0]
+        return self.pool.take(shape, self.acc_dtype if accumulator else self.dtype, self.device)
 
-    def _empty_result(self, payload: Payload, owner: int, span: Span) -> dict[str, torch.Tensor]:
-        """A held result for ``span`` of ``owner``'s rows that has seen nothing yet: out 0, lse -inf, dq 0."""
-        buffer = self.held.message_buffer(payload, span)
-        self.held.hold_message(payload, owner, span, buffer)
-        sections = self.held.result(payload, owner, span)
-        assert sections is not None
-        for name, tensor in sections.items():
-            tensor.fill_(float("-inf") if name == "lse" else 0.0)
+    def _views(self, message: Message, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not message.packed:
+            return {message.sections[0][0]: buffer}
+        return {name: buffer[offset:offset + nbytes].view(self.acc_dtype if acc else self.dtype).view(shape)
+                for name, shape, acc, _, offset, nbytes in message.sections}
+
+    def _hold_message(self, slot: int, message: Message, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        sections = self._views(message, buffer)
+        self.slots[slot] = _Piece(sections, buffer)
         return sections
 
-    def _kernel_mask(self, block: Block) -> "Mask | PositionMask":
-        if block.mask is not Mask.TOKENS:
-            return block.mask
-        assert self.plan.tokens is not None
-        return cached_position_mask(self.plan.tokens, block.q_owner, block.q_span.row_range(self.shape.seq_local),
-                                    block.kv_owner, block.kv_span.row_range(self.shape.kv_seq), self.device)
+    def _free(self, slot: int) -> None:
+        piece = self.slots[slot]
+        if piece is not None:
+            self.slots[slot] = None
+            if piece.buffer is not None:
+                self.pool.give(piece.buffer)
 
-    def _compute(self, block: Block) -> None:
+    def _release_all(self, failed: bool) -> None:
+        """After a failure a send may still be reading any buffer: none goes back, and the pool starts afresh."""
+        if failed:
+            self.slots = []
+            self.in_flight.clear()
+            self.pool.clear()
+            return
+        for slot in range(len(self.slots)):
+            self._free(slot)
+
+    def _section_rows(self, slot: int, rows: tuple[int, int] | None, message: Message) -> dict[str, torch.Tensor]:
+        sections = self.slots[slot].sections  # type: ignore[union-attr]
+        if rows is None:
+            return sections
+        offset, count = rows
+        return {name: sections[name].narrow(seq_dim, offset, count)
+                for name, _, _, seq_dim, _, _ in message.sections}
+
+    def _outgoing(self, op: SendOp) -> torch.Tensor:
+        """The message tensor of a send: a held piece's own buffer, or packed from its rows."""
+        if op.slot == LOCAL:
+            tensors = self._accumulated(op.rows)
+        else:
+            piece = self.slots[op.slot]
+            if piece is None:
+                raise RuntimeError(f"plan error: rank {self.rank} sends {op.transfer} before holding it")
+            if op.leaves:  # a result leaves as it is now; its buffer is free once the send is waited on
+                self.slots[op.slot] = None
+                if piece.buffer is not None:
+                    self.in_flight.append(piece.buffer)
+            if op.rows is None and piece.buffer is not None:
+                return piece.buffer
+            tensors = self._section_rows(op.slot, op.rows, op.message) if op.rows is not None else piece.sections
+        if not op.message.packed:
+            (tensor,) = tensors.values()
+            return tensor.contiguous()
+        buffer = self._take(op.message)
+        for name, view in self._views(op.message, buffer).items():
+            view.copy_(tensors[name])
+        self.in_flight.append(buffer)
+        return buffer
+
+    def _kv(self, op: BlockOp) -> tuple[torch.Tensor, torch.Tensor]:
+        offset, count = op.kv_rows
+        if op.kv_slot == LOCAL:
+            k, v = self.local_kv
+            if count == k.shape[1]:
+                return k, v
+            return k.narrow(1, offset, count), v.narrow(1, offset, count)
+        kv = self.slots[op.kv_slot].sections["kv"]  # type: ignore[union-attr]
+        if count != kv.shape[2]:
+            kv = kv.narrow(2, offset, count)
+        return kv[0], kv[1]
+
+    def _mask(self, op: BlockOp):
+        return op.mask if isinstance(op.mask, Mask) else self.masks(op.mask)
+
+    def _accumulated(self, rows):
         raise NotImplementedError
 
-    def _arrive(self, t: Transfer, buffer: torch.Tensor) -> None:
+    def _compute(self, op: BlockOp) -> None:
+        raise NotImplementedError
+
+    def _arrive(self, op: RecvOp, buffer: torch.Tensor) -> None:
         raise NotImplementedError
 
     def result(self):
         raise NotImplementedError
 
 
+def _marker_in(received, rank: int, step: int) -> PeerAborted | None:
+    """Whether a peer stopped the call: a marker arrived in place of a message (host buffers only)."""
+    for op, buffer in received:
+        if is_marker(buffer):
+            return PeerAborted(rank, op.transfer.src, step)
+    return None
+
+
+def play_markers(comm: Comm, pool: BufferPool, program: Program, dtype: torch.dtype, device: torch.device,
+                 timeout_s: float, first_step: int = 0) -> None:
+    """A marker in place of each send of the program from ``first_step`` on; receives of the plan's sizes.
+
+    A rank that stops a call (or found a marker) plays the rest of the agreed plan this way, so that every
+    peer's posted receive completes and finds the marker (`tokenring.agreement`).
+    """
+    marker = marker_tensor(device)
+    acc_dtype = accumulation_dtype(dtype)
+    for step in program.steps[first_step:]:
+        handles = []
+        for post in step.posts:
+            recvs = []
+            for op in post.recvs:
+                if op.message.packed:
+                    buffer = torch.empty((op.message.nbytes,), dtype=torch.uint8, device=device)
+                else:
+                    _, shape, accumulator, _, _, _ = op.message.sections[0]
+                    buffer = torch.empty(shape, dtype=acc_dtype if accumulator else dtype, device=device)
+                recvs.append(Recv(op.transfer.src, buffer))
+            sends = [Send(op.transfer.dst, marker) for op in post.sends]
+            handles.append(comm.exchange(sends, recvs, channel=post.channel, step=step.index))
+        _wait_all(handles, timeout_s)
+
+
 class _ForwardRun(_Run):
-    def __init__(self, executor, plan, q, k, v, scale, kv_poison=None):
+    def __init__(self, executor, program, plan, q, k, v, scale, kv_poison=None):
+        super().__init__(executor, program, plan, q.dtype, q.device)
+        self.scale = scale
         # A NaN or infinity in q, k or v never comes out finite, whatever the kernel does with it: its
         # poison is added to the partial results past the kernel (tokenring.finite).
         self.query_poison = poison_of(q)
         self.kv_poison = poison_of(k) + poison_of(v) if kv_poison is None else kv_poison
-        super().__init__(executor, plan, q, k, v, scale, self.kv_poison)
+        self.local_kv = (k, v)
+        self.slots[program.own_slot] = _Piece({"q": q})
+        if program.own_kv_slot is not None:
+            # Keys leave with their and the values' poison added in the copy that packs them (tokenring.finite).
+            kv = torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
+            poisoned(k, self.kv_poison, out=kv[0])
+            kv[1].copy_(v)
+            self.slots[program.own_kv_slot] = _Piece({"kv": kv})
         # Only the forward is stopped by markers: the backward runs a call the ranks already agreed on.
         self.watch_markers = markers_readable(self.comm)
-        self.held.hold(Payload.QUERY, self.rank, ALL, {"q": q})
         self.acc_out: torch.Tensor | None = None
         self.acc_lse: torch.Tensor | None = None
         self.q_shape = q.shape
 
     def _start_accumulator(self) -> None:
         """Every row as seeing nothing yet (out 0, lse -inf), or NaN when this rank's q is not finite."""
-        lse_shape = (self.shape.batch, self.shape.q_heads, self.shape.seq_local)
+        shape = self.program.shape
+        lse_shape = (shape.batch, shape.q_heads, shape.seq_local)
         poison = self.query_poison.to(self.acc_dtype)
         self.acc_out = poison.expand(self.q_shape).contiguous()
         self.acc_lse = (poison + float("-inf")).expand(lse_shape).contiguous()
 
-    def _accumulate(self, out: torch.Tensor, lse: torch.Tensor, span: Span, poison: torch.Tensor | None) -> None:
-        """Fold a partial of ``span``'s rows in; ``poison`` is its keys/values' (None: the sender added it)."""
+    def _accumulate(self, out, lse, rows: tuple[int, int], poison: torch.Tensor | None) -> None:
+        """Fold a partial of ``rows`` in; ``poison`` is its keys/values' (None: the sender added it)."""
         if self.acc_out is None:
-            if span == ALL:  # the first contribution covers every row: take it as is, q's poison added
+            if rows[1] == self.program.shape.seq_local:  # it covers every row: take it as is, q's poison added
                 poison = self.query_poison if poison is None else poison + self.query_poison
                 self.acc_out = poisoned(out, poison, dtype=self.acc_dtype)
                 self.acc_lse = poisoned(lse, poison, dtype=self.acc_dtype)
                 return
             self._start_accumulator()
-        assert self.acc_out is not None and self.acc_lse is not None
-        merge_partial_(narrow(self.acc_out, span, 1), narrow(self.acc_lse, span, 2), out,
+        offset, count = rows
+        merge_partial_(self.acc_out.narrow(1, offset, count), self.acc_lse.narrow(2, offset, count), out,
                        lse if poison is None else lse + poison)
 
-    def _block_poison(self, block: Block, k: torch.Tensor) -> torch.Tensor:
-        # Keys that travelled were copied with their poison added: any element tells it.
-        return self.kv_poison if block.kv_owner == self.rank else witness(k)
-
-    def _compute(self, block: Block) -> None:
-        q = self.held.get(Payload.QUERY, block.q_owner, block.q_span)["q"]
-        k, v = self._key_value(block.kv_owner, block.kv_span)
-        started = self.trace.clock()
-        out, lse = self.kernel.forward(q, k, v, scale=self.scale, mask=self._kernel_mask(block))
-        merged = self.trace.computed(self.step_index, started, block)
-        poison = self._block_poison(block, k)
-        if block.q_owner == self.rank:
-            self._accumulate(out, lse, block.q_span, poison)
-        else:
-            carrier = self._result_carrier(Payload.PARTIAL, block)
-            pending = self.held.result(Payload.PARTIAL, block.q_owner, carrier)
-            if pending is None and carrier == block.q_span:
-                buffer = self.held.message_buffer(Payload.PARTIAL, block.q_span)
-                sections = self.held.unpack(Payload.PARTIAL, block.q_span, buffer)
-                poisoned(out, poison, out=sections["out"])
-                poisoned(lse, poison, out=sections["lse"])
-                self.held.hold_message(Payload.PARTIAL, block.q_owner, block.q_span, buffer)
-            else:  # several blocks' rows leave in one message: merge them here
-                if pending is None:
-                    pending = self._empty_result(Payload.PARTIAL, block.q_owner, carrier)
-                rows = block.q_span.within(carrier)
-                merge_partial_(narrow(pending["out"], rows, 1), narrow(pending["lse"], rows, 2), out, lse + poison)
-        self.trace.add(timeline.MERGE, self.step_index, merged, local=block.q_owner == self.rank)
-
-    def _outgoing(self, t: Transfer) -> torch.Tensor:
-        if t.payload is not Payload.MERGED:
-            return self.held.outgoing(t)
+    def _accumulated(self, rows):
         # Replicated queries: this rank's result so far, as it stood when the step began.
-        if self.acc_out is None or self.acc_lse is None:
-            raise RuntimeError(f"plan error: rank {self.rank} sends a merged result before computing any")
-        return self.held.send_packed(t.payload, t.span, {"out": narrow(self.acc_out, t.span, 1),
-                                                         "lse": narrow(self.acc_lse, t.span, 2)})
+        offset, count = rows
+        return {"out": self.acc_out.narrow(1, offset, count), "lse": self.acc_lse.narrow(2, offset, count)}
 
-    def _arrive(self, t: Transfer, buffer: torch.Tensor) -> None:
-        if t.payload in (Payload.PARTIAL, Payload.MERGED):
-            sections = self.held.unpack(t.payload, t.span, buffer)
-            self._accumulate(sections["out"], sections["lse"], t.span, None)
-            self.held.pool.give(buffer)
-        else:
-            self.held.hold_message(t.payload, t.owner, t.span, buffer)
+    def _compute(self, op: BlockOp) -> None:
+        q = self.slots[op.q_slot].sections["q"]
+        if op.q_rows[1] != q.shape[1]:
+            q = q.narrow(1, *op.q_rows)
+        k, v = self._kv(op)
+        started = self.trace.clock()
+        out, lse = self.kernel.forward(q, k, v, scale=self.scale, mask=self._mask(op))
+        merged = self.trace.computed(self.step_index, started, op.block)
+        # Keys that travelled were copied with their poison added: any element tells it.
+        poison = self.kv_poison if op.kv_slot == LOCAL else witness(k)
+        if op.result_slot == LOCAL:
+            self._accumulate(out, lse, op.result_rows, poison)
+        elif op.result_start is Start.PACK:
+            buffer = self._take(op.result_message)
+            sections = self._hold_message(op.result_slot, op.result_message, buffer)
+            poisoned(out, poison, out=sections["out"])
+            poisoned(lse, poison, out=sections["lse"])
+        else:  # several blocks' rows leave in one message: merge them here
+            if op.result_start is Start.EMPTY:
+                sections = self._hold_message(op.result_slot, op.result_message, self._take(op.result_message))
+                sections["out"].zero_()
+                sections["lse"].fill_(float("-inf"))
+            pending = self.slots[op.result_slot].sections
+            offset, count = op.result_rows
+            merge_partial_(pending["out"].narrow(1, offset, count), pending["lse"].narrow(2, offset, count),
+                           out, lse + poison)
+        self.trace.add(timeline.MERGE, self.step_index, merged, local=op.result_slot == LOCAL)
+
+    def _arrive(self, op: RecvOp, buffer: torch.Tensor) -> None:
+        if op.arrival is Arrival.HOLD:
+            if op.replaces is not None:
+                self._free(op.replaces)
+            self._hold_message(op.slot, op.message, buffer)
+            return
+        sections = self._views(op.message, buffer)
+        self._accumulate(sections["out"], sections["lse"], op.rows, None)
+        self.pool.give(buffer)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.acc_out is None or self.acc_lse is None:
@@ -337,92 +429,72 @@ class _ForwardRun(_Run):
 
 
 class _BackwardRun(_Run):
-    query_payload = Payload.GRAD_QUERY
     watch_markers = False
 
-    def __init__(self, executor, plan, q, k, v, out, lse, dout, scale):
-        super().__init__(executor, plan, q, k, v, scale)
+    def __init__(self, executor, program, plan, q, k, v, out, lse, dout, scale):
+        super().__init__(executor, program, plan, q.dtype, q.device)
+        self.scale = scale
+        self.local_kv = (k, v)
         self.input_dtypes = (q.dtype, k.dtype, v.dtype)
-        self.held.hold(Payload.GRAD_QUERY, self.rank, ALL, {"q": q, "dout": dout, "out": out, "lse": lse})
+        self.slots[program.own_slot] = _Piece({"q": q, "dout": dout, "out": out, "lse": lse})
+        if program.own_kv_slot is not None:
+            self.slots[program.own_kv_slot] = _Piece({"kv": torch.stack((k, v))})
         self.dq = torch.zeros(q.shape, dtype=self.acc_dtype, device=self.device)
         self.dk = torch.zeros(k.shape, dtype=self.acc_dtype, device=self.device)
         self.dv = torch.zeros(v.shape, dtype=self.acc_dtype, device=self.device)
-        self.grad_kv_sends = [(index, t) for index, t in plan.transfers()
-                              if t.payload is Payload.GRAD_KEY_VALUE and t.src == self.rank]
 
-    def _compute(self, block: Block) -> None:
-        mine = self.held.get(Payload.GRAD_QUERY, block.q_owner, block.q_span)
-        k, v = self._key_value(block.kv_owner, block.kv_span)
+    def _compute(self, op: BlockOp) -> None:
+        mine = self.slots[op.q_slot].sections
+        if op.q_rows[1] != mine["q"].shape[1]:
+            offset, count = op.q_rows
+            mine = {"q": mine["q"].narrow(1, offset, count), "dout": mine["dout"].narrow(1, offset, count),
+                    "out": mine["out"].narrow(1, offset, count), "lse": mine["lse"].narrow(2, offset, count)}
+        k, v = self._kv(op)
         started = self.trace.clock()
         dq, dk, dv = self.kernel.backward(
-            mine["dout"], mine["q"], k, v, mine["out"], mine["lse"], scale=self.scale, mask=self._kernel_mask(block)
+            mine["dout"], mine["q"], k, v, mine["out"], mine["lse"], scale=self.scale, mask=self._mask(op)
         )
-        self.trace.computed(self.step_index, started, block)
-        if block.q_owner == self.rank:
-            narrow(self.dq, block.q_span, 1).add_(dq)
+        self.trace.computed(self.step_index, started, op.block)
+        offset, count = op.result_rows
+        if op.result_slot == LOCAL:
+            self.dq.narrow(1, offset, count).add_(dq)
+        elif op.result_start is Start.PACK:
+            self.slots[op.result_slot] = _Piece({"dq": dq.contiguous()})
         else:
-            carrier = self._result_carrier(Payload.GRAD_PARTIAL, block)
-            pending = self.held.result(Payload.GRAD_PARTIAL, block.q_owner, carrier)
-            if pending is None and carrier == block.q_span:
-                self.held.hold(Payload.GRAD_PARTIAL, block.q_owner, block.q_span, {"dq": dq.contiguous()})
-            else:
-                if pending is None:
-                    pending = self._empty_result(Payload.GRAD_PARTIAL, block.q_owner, carrier)
-                narrow(pending["dq"], block.q_span.within(carrier), 1).add_(dq)
-        if block.kv_owner == self.rank:
-            narrow(self.dk, block.kv_span, 1).add_(dk)
-            narrow(self.dv, block.kv_span, 1).add_(dv)
+            if op.result_start is Start.EMPTY:
+                self._hold_message(op.result_slot, op.result_message, self._take(op.result_message))["dq"].zero_()
+            self.slots[op.result_slot].sections["dq"].narrow(1, offset, count).add_(dq)
+        offset, count = op.sum_rows
+        if op.sum_slot == LOCAL:
+            self.dk.narrow(1, offset, count).add_(dk)
+            self.dv.narrow(1, offset, count).add_(dv)
         else:
-            travelling = self._travelling_grad_kv(block.kv_owner, block.kv_span)
-            travelling[0].add_(dk)
-            travelling[1].add_(dv)
+            running = self._running_sum(op.sum_slot, op.sum_message, op.sum_starts).narrow(2, offset, count)
+            running[0].add_(dk)
+            running[1].add_(dv)
 
-    def _travelling_grad_kv(self, owner: int, span: Span) -> torch.Tensor:
-        """``span`` of the running dk/dv sum for ``owner``'s keys, held here on its way home.
+    def _running_sum(self, slot: int, message: Message, starts: bool) -> torch.Tensor:
+        """The dk/dv sum held here for another owner's keys, on its way home (zeros where it starts)."""
+        if starts:
+            self._hold_message(slot, message, self._take(message))["dkv"].zero_()
+        return self.slots[slot].sections["dkv"]
 
-        One sum per message that will carry it on (the plan's next dK/dV send
-        of these rows): with keys/values in pieces a rank may hold several
-        pieces of one owner at once, each only as long as its own rows.
-        """
-        carrier = next(t for index, t in self.grad_kv_sends
-                       if index > self.step_index and t.owner == owner and t.span.contains(span))
-        if self.held.result(Payload.GRAD_KEY_VALUE, owner, carrier.span) is None:
-            buffer = self.held.message_buffer(Payload.GRAD_KEY_VALUE, carrier.span).zero_()
-            self.held.hold_message(Payload.GRAD_KEY_VALUE, owner, carrier.span, buffer)
-        whole = self.held.result(Payload.GRAD_KEY_VALUE, owner, carrier.span)["dkv"]
-        return narrow(whole, span.within(carrier.span), 2)
-
-    def _arrive(self, t: Transfer, buffer: torch.Tensor) -> None:
-        if t.payload is Payload.GRAD_PARTIAL:
-            narrow(self.dq, t.span, 1).add_(buffer)
-            self.held.pool.give(buffer)
-        elif t.payload is Payload.GRAD_KEY_VALUE:
-            if t.owner == self.rank:
-                narrow(self.dk, t.span, 1).add_(buffer[0])
-                narrow(self.dv, t.span, 1).add_(buffer[1])
-            else:
-                self._travelling_grad_kv(t.owner, t.span).add_(buffer)
-            self.held.pool.give(buffer)
+    def _arrive(self, op: RecvOp, buffer: torch.Tensor) -> None:
+        offset, count = op.rows
+        if op.arrival is Arrival.HOLD:
+            if op.replaces is not None:
+                self._free(op.replaces)
+            self._hold_message(op.slot, op.message, buffer)
+            return
+        if op.arrival is Arrival.ADD_DQ:
+            self.dq.narrow(1, offset, count).add_(buffer)
+        elif op.arrival is Arrival.ADD_DKV:
+            self.dk.narrow(1, offset, count).add_(buffer[0])
+            self.dv.narrow(1, offset, count).add_(buffer[1])
         else:
-            self.held.hold_message(t.payload, t.owner, t.span, buffer)
+            self._running_sum(op.slot, op.message, op.starts_sum).narrow(2, offset, count).add_(buffer)
+        self.pool.give(buffer)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q_dtype, k_dtype, v_dtype = self.input_dtypes
         return self.dq.to(q_dtype), self.dk.to(k_dtype), self.dv.to(v_dtype)
-
-
-def _release_schedule(plan: Plan, rank: int, query_payload: Payload) -> dict[int, list[Key]]:
-    """After which step each travelling input held by ``rank`` is last read (results go once sent)."""
-    last_use: dict[Key, int] = {}
-    for step in plan.steps:
-        for block in step.blocks_of(rank):
-            last_use[(query_payload, block.q_owner)] = step.index
-            if block.kv_owner != rank:
-                last_use[(Payload.KEY_VALUE, block.kv_owner)] = step.index
-        for t in step.transfers:
-            if t.src == rank and t.payload not in RESULTS and t.payload is not Payload.MERGED:
-                last_use[(t.payload, t.owner)] = max(step.index, last_use.get((t.payload, t.owner), -1))
-    schedule: dict[int, list[Key]] = {}
-    for key, index in last_use.items():
-        schedule.setdefault(index, []).append(key)
-    return schedule
