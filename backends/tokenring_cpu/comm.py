@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from tokenring.kit import RollCall, all_gather_bytes, transport_errors, transport_message, wait_works
 from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle
+from tokenring.runtime import timeout_s as default_timeout_s
 
 _CHANNEL_TAGS = {Channel.QUERY: 0, Channel.PARTIAL: 1}
 
@@ -68,9 +69,7 @@ class GlooComm(Comm):
 
     def _direction_groups(self, group):
         """Two subgroups over the same ranks, made by every member at once, within the call timeout."""
-        from tokenring.api import timeout_s
-
-        seconds = timeout_s()
+        seconds = default_timeout_s()
         ranks = dist.get_process_group_ranks(group)
         roll = RollCall("connect", group)
         roll.arrive()

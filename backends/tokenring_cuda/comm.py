@@ -36,12 +36,9 @@ import torch.distributed as dist
 
 from tokenring.kit import RollCall, all_gather_bytes, is_timeout, transport_errors, transport_message, wait_works
 from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, TokenRingError
+from tokenring.runtime import timeout_s as default_timeout_s
 
 BLOCKING_WAIT_ENV = "TOKENRING_CUDA_BLOCKING_WAIT"
-
-
-def _default_timeout_s() -> float:
-    return float(os.environ.get("TOKENRING_TIMEOUT_S", 300.0))
 
 
 def _blocking_wait_requested() -> bool:
@@ -103,7 +100,7 @@ class NcclComm(Comm):
         self.world_size = dist.get_world_size(group)
         self.transport = transport
         self.blocking_wait = _blocking_wait_requested() if blocking_wait is None else blocking_wait
-        self.timeout_s = _default_timeout_s() if timeout_s is None else timeout_s
+        self.timeout_s = default_timeout_s() if timeout_s is None else timeout_s
         self.device = self._claim_device(group) if transport == "nccl" else torch.device("cpu")
         self._global_ranks = dist.get_process_group_ranks(group)
         self._channel_groups: dict[Channel, object] = {}

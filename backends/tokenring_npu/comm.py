@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from tokenring.kit import RollCall, all_gather_bytes, transport_errors, transport_message, wait_works
 from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, Recv, Send, TokenRingError
+from tokenring.runtime import timeout_s as default_timeout_s
 
 BLOCKING_WAIT_ENV = "TOKENRING_NPU_BLOCKING_WAIT"
 
@@ -195,7 +196,7 @@ class BatchedP2PComm(Comm):
         """A gloo group over the same ranks, for the agreement's few bytes of host data."""
         if dist.get_world_size(group) == 1:
             return group
-        seconds = float(os.environ.get("TOKENRING_TIMEOUT_S", 300.0))
+        seconds = default_timeout_s()
         try:
             return dist.new_group(dist.get_process_group_ranks(group), backend="gloo", use_local_synchronization=True,
                                   timeout=datetime.timedelta(seconds=seconds))
