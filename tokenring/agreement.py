@@ -2,7 +2,7 @@
 
 Every rank of a group must make the same call (shapes, dtype, causal,
 layout, algorithm, scale, whether a gradient is wanted). The first call with
-a signature gathers every rank's description of its call (`agree`); calls
+a signature gathers every rank's description of its call (`gather`); calls
 that repeat the signature the group last agreed on skip that gather and go
 straight to the plan's own messages.
 
@@ -141,7 +141,7 @@ def call_signature(q, k, v, *, causal, softmax_scale, layout, algorithm, backend
     }
 
 
-def agree(
+def gather(
     comm: Comm, signature: dict, problem: str | None, *, timeout_s: float, error: type[Exception] = InputError,
     stopped_by: PeerAborted | None = None,
 ) -> None:

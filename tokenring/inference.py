@@ -52,10 +52,14 @@ import torch
 
 from .executor import Executor
 from .finite import poison_of
+from .groups import resolve_group
+from .interfaces import Channel, Recv, Send
 from .masks import Runs, TokenMask, clear_tables
 from .plan import Plan, ProblemShape
 from .plans import build_masked_plan, build_plan
 from .replicated import decode_plan, default_merge
+from .runtime import open_executor, resolve_backend, timeout_s as default_timeout_s
+from .sequence import rank_and_world_size
 from .traffic import recording
 
 __all__ = ["Chunk", "ShardedKVCache", "attend_with_cache", "choose_prefill_algorithm", "place_chunk"]
@@ -185,8 +189,6 @@ class ShardedKVCache:
         if executor is not None:
             self.rank, self.world_size = executor.comm.rank, executor.comm.world_size
         else:
-            from .sequence import rank_and_world_size
-
             self.rank, self.world_size = rank_and_world_size(group)
         self.num_layers, self.batch, self.kv_heads, self.head_dim = num_layers, batch, kv_heads, head_dim
         self.dtype = dtype
@@ -275,13 +277,9 @@ class ShardedKVCache:
 
     @property
     def executor(self) -> Executor:
-        if self._executor is None:
-            from .api import _open, _resolve_backend
-            from .groups import resolve_group
-
-            group = resolve_group(self.group)
+        if self._executor is None:  # the executor token_ring_attn uses for this backend and group
             probe = torch.empty(0, device=self.device)
-            self._executor = _open(_resolve_backend(self.backend, probe), group)
+            self._executor = open_executor(resolve_backend(self.backend, probe), resolve_group(self.group))
         return self._executor
 
     def kv_poison(self, layer: int) -> torch.Tensor:
@@ -423,9 +421,7 @@ def attend_with_cache(
         raise ValueError(f"q, k and v must be {cache.dtype}, as the cache; got {q.dtype}, {k.dtype}, {v.dtype}")
     scale = float(softmax_scale) if softmax_scale is not None else d ** -0.5
     if timeout_s is None:
-        from .api import timeout_s as default_timeout
-
-        timeout_s = default_timeout()
+        timeout_s = default_timeout_s()
     # The cache keeps its keys' and values' poison as they enter (tokenring.finite): no call re-reads the
     # whole cache for it.
     cache._write(layer, k, v)
@@ -468,16 +464,12 @@ def agree_on_tokens(cache: ShardedKVCache, tokens: torch.Tensor, *, timeout_s: f
     results merge in a different order on each rank); taking rank 0's choice
     keeps the ranks' sequences identical even on a near tie.
     """
-    from .interfaces import Channel, Recv, Send
-
     executor = cache.executor
     comm = executor.comm
     if comm.world_size == 1:
         return tokens
     if timeout_s is None:
-        from .api import timeout_s as default_timeout
-
-        timeout_s = default_timeout()
+        timeout_s = default_timeout_s()
     tokens = tokens.contiguous()
     comm.sent.clear()  # not attention traffic: not counted
     if comm.rank == 0:

@@ -23,6 +23,7 @@ from torch import nn
 
 from .api import token_ring_attn
 from .groups import resolve_group
+from .inference import attend_with_cache
 from .layout import default_layout, parse_layout
 from .sequence import local_positions, rank_and_world_size
 
@@ -186,8 +187,6 @@ class TokenRingAttention(nn.Module):
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
     def _attend_with_cache(self, q, k, v, position_ids, cache, layer) -> torch.Tensor:
-        from .inference import attend_with_cache
-
         if not self.causal:
             raise ValueError("a KV cache needs causal attention (TokenRingAttention(causal=True))")
         if layer is None:
