@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import pluggy
 
-from . import hookspecs
+from . import hookspecs, schedules
 from .interfaces import Backend, BackendError, Probe
 from .layout import Layout
 from .plan import Schedule
@@ -249,8 +249,6 @@ def _short_error(exc: BaseException) -> str:
 
 def _first_party_schedules() -> list[tuple[str, Any, str]]:
     """Every module of `tokenring.schedules` that implements the schedule hook, by name."""
-    from . import schedules
-
     found = []
     for info in sorted(pkgutil.iter_modules(schedules.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{schedules.__name__}.{info.name}")

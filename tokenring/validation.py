@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .documents import validate_cu_seqlens
 from .interfaces import Backend
 from .layout import Layout, parse_layout
 from .plans import parse_algorithm
@@ -161,8 +162,6 @@ def mask_arguments(
 
 
 def _boundaries(cu_seqlens: Any, seq_len: int) -> tuple[tuple[int, ...] | None, str | None]:
-    from .documents import validate_cu_seqlens
-
     try:
         values = validate_cu_seqlens(cu_seqlens)
     except ValueError as error:
