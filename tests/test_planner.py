@@ -91,3 +91,47 @@ def test_a_bad_profile_is_an_error_naming_the_file(worlds, seed, tmp_path):
                                 timeout_s=60)
     for r in results:
         assert not r.ok and str(path) in r.error, r.error
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_the_closed_form_bounds_never_exceed_the_simulated_time(n):
+    # Pruning is exact only if every bound is below its schedule's prediction: check it on every kind of profile.
+    from tokenring.planner import lower_bound
+    from tokenring.topology import ring, two_level
+
+    profiles = [fullmesh(n, 1.0, 5, tflops=1.0), switch(n, 0.1, 5, tflops=None), ring(n, 1, 0, tflops=None),
+                fullmesh(n, 1, 0, tflops=None, injection_gbps=2), switch(n, 100, 2, tflops=150)]
+    if n % 2 == 0:
+        profiles += [two_level(2, n // 2, 10, 1, nic_gbps=1, tflops=None),
+                     two_level(2, n // 2, 10, 1, intra="switch", nic="node", nic_gbps=1, tflops=10)]
+    for profile in profiles:
+        for causal, layout in ((False, "contiguous"), (True, "contiguous"), (True, "zigzag")):
+            for kv_heads in (8, 2):
+                problem = shape(seq_local=16 * n, kv_heads=kv_heads)
+                for estimate in predict_all(problem, profile, causal, layout).estimates:
+                    if estimate.error is not None:
+                        continue
+                    for needs_grad, seconds in ((False, estimate.forward.total), (True, estimate.training)):
+                        bound = lower_bound(estimate.name, problem, profile, causal, layout, needs_grad)
+                        assert 0 <= bound <= seconds, (estimate.name, profile.describe(), causal, layout, kv_heads)
+
+
+@pytest.mark.parametrize("kind", ["fullmesh", "switch"])
+@pytest.mark.parametrize("needs_grad", [False, True])
+@pytest.mark.parametrize("tflops", [None, 1.0, 1000.0])
+def test_pruning_chooses_what_replaying_every_schedule_chooses(kind, needs_grad, tflops):
+    from tokenring.planner import _choose
+
+    profile = (fullmesh if kind == "fullmesh" else switch)(8, 1.0, 5, tflops=tflops)
+    for kv_heads in (8, 2):
+        problem = shape(kv_heads=kv_heads)
+        comparison = predict_all(problem, profile, True, "zigzag")
+        times = {e.name: (e.training if needs_grad else e.forward.total)
+                 for e in comparison.estimates if e.error is None}
+        best = min(times.values())
+        rank = {name: i for i, name in enumerate(PREFERENCE)}
+        expected = min((name for name, t in times.items() if t <= best * (1 + TIE)),
+                       key=lambda name: (rank.get(name, len(PREFERENCE)), name))
+        _choose.cache_clear()
+        choice = choose(problem, True, "zigzag", 8, needs_grad, profile=profile)
+        assert choice.algorithm == expected and choice.predicted_s == times[expected]

@@ -388,26 +388,35 @@ def predict_all(shape: ProblemShape, topology: Topology, causal: bool, layout: "
     that does not build) gets an estimate with the reason and no times; ties
     go to the schedule listed first.
     """
-    from .plans import build_plan, schedule_names  # the registry loads plugins: only when asked
+    from .plans import schedule_names  # the registry loads plugins: only when asked
 
     layout = parse_layout(layout or default_layout(causal))
     names = tuple(schedule_names() if schedules is None else schedules)
-    estimates = []
-    for name in names:
-        try:
-            forward_plan = build_plan(name, layout, causal, topology.world_size)
-            backward_plan = build_plan(name, layout, causal, topology.world_size, backward=True)
-            _check_divides(forward_plan, shape)
-            forward = simulate(forward_plan, shape, topology)
-            backward = simulate(backward_plan, shape, topology)
-        except (ValueError, AssertionError) as error:  # PlanError is an AssertionError
-            estimates.append(ScheduleEstimate(name, None, None, str(error)))
-            continue
-        estimates.append(ScheduleEstimate(name, forward, backward))
+    estimates = [predict(name, shape, topology, causal, layout) for name in names]
     ran = [e for e in estimates if e.error is None]
     fastest = min(ran, key=lambda e: e.training, default=None)
     fastest_forward = min(ran, key=lambda e: e.forward.total, default=None)
     return Comparison(tuple(estimates), fastest and fastest.name, fastest_forward and fastest_forward.name)
+
+
+def predict(name: str, shape: ProblemShape, topology: Topology, causal: bool,
+            layout: "Layout | str | None" = None, backward: bool = True) -> ScheduleEstimate:
+    """One schedule's forward and backward prediction (`predict_all` for one name); the reason when it cannot run.
+
+    ``backward=False`` builds and simulates the forward plan alone (the estimate's ``backward`` is None).
+    """
+    from .plans import build_plan
+
+    layout = parse_layout(layout or default_layout(causal))
+    try:
+        forward_plan = build_plan(name, layout, causal, topology.world_size)
+        backward_plan = build_plan(name, layout, causal, topology.world_size, backward=True) if backward else None
+        _check_divides(forward_plan, shape)
+        forward = simulate(forward_plan, shape, topology)
+        predicted = None if backward_plan is None else simulate(backward_plan, shape, topology)
+    except (ValueError, AssertionError) as error:  # PlanError is an AssertionError
+        return ScheduleEstimate(name, None, None, str(error))
+    return ScheduleEstimate(name, forward, predicted)
 
 
 def _check_divides(plan: Plan, shape: ProblemShape) -> None:

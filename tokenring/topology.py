@@ -210,6 +210,36 @@ class Topology:
             path.append((("ejection", dst), injection, 0.0))
         return path
 
+    def receive_capacity(self, rank: int) -> float:
+        """The most bytes per second that can arrive at ``rank``, over every resource a message into it crosses last.
+
+        Every message into a rank crosses one of its incoming links (full mesh:
+        N - 1 of them inside the node; ring: its two neighbours'), its switch
+        port in, or its NIC in (from another node), and its ejection when there
+        is an injection limit: a lower bound on any plan's time is the bytes a
+        rank must receive over this (the planner's pruning, `tokenring.planner`).
+        """
+        return self._capacity()
+
+    def send_capacity(self, rank: int) -> float:
+        """The most bytes per second ``rank`` can send, over every resource a message from it crosses first."""
+        return self._capacity()
+
+    def _capacity(self) -> float:
+        # Symmetric for every kind: the links into a device mirror the links out of it.
+        per_node = self.devices_per_node
+        if self.kind == "fullmesh":
+            inside = (per_node - 1) * self.link.bytes_per_s
+        elif self.kind == "switch":
+            inside = self.link.bytes_per_s if per_node > 1 else 0.0
+        else:
+            inside = min(per_node - 1, 2) * self.link.bytes_per_s
+        between = self.inter_node.bytes_per_s if self.nodes > 1 and self.inter_node is not None else 0.0
+        total = inside + between
+        if self.injection_bytes_per_s is not None:
+            total = min(total, self.injection_bytes_per_s)
+        return total
+
     def to_json(self) -> dict[str, Any]:
         def link(value: Link) -> dict[str, float]:
             return {"bytes_per_s": value.bytes_per_s, "latency_s": value.latency_s}
