@@ -4,7 +4,8 @@ Every rank of a group must make the same call (shapes, dtype, causal,
 layout, algorithm, scale, whether a gradient is wanted). The first call with
 a signature gathers every rank's description of its call (`gather`); calls
 that repeat the signature the group last agreed on skip that gather and go
-straight to the plan's own messages.
+straight to the plan's own messages (`tokenring.call.agree` decides which,
+from the call's record).
 
 A rank whose call differs from the agreed one (or whose input is bad) cannot
 just gather: the others are already in the plan, waiting on its messages.
