@@ -51,6 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tokenring import sequence
 from tokenring.plans import schedule_names
+from tokenring.runtime import timeout_s
 from tokenring.testing.model_tasks import TrainingRun, reference_training
 from tokenring.testing.tiny_llama import build_reference, random_batches, sequence_parallel_copy
 
@@ -135,7 +136,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _timeout() -> datetime.timedelta:
-    return datetime.timedelta(seconds=float(os.environ.get("TOKENRING_TIMEOUT_S", 300)))
+    return datetime.timedelta(seconds=timeout_s())
 
 
 def _run_rank(args: argparse.Namespace, **init: object) -> int:

@@ -141,7 +141,7 @@ def test_flash_stand_in_of_the_installed_release_tells_the_truth(kernel_name, lo
 
 def step_loop_without_host_sync(rank, world_size, problem):
     """Warm up through token_ring_attn, then run the executor's passes with host syncs forbidden."""
-    from tokenring.api import _executor
+    from tokenring.runtime import executor_for
     from tokenring.registry import registry
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -149,7 +149,7 @@ def step_loop_without_host_sync(rank, world_size, problem):
     q, k, v = (tokenring.shard(t, rank, world_size, layout=layout).to(device) for t in problem.inputs())
     dout = tokenring.shard(problem.grad_output(), rank, world_size, layout=layout).to(device)
     tokenring.token_ring_attn(q, k, v, **problem.attention_kwargs())
-    executor = _executor(registry.get("cuda"), None)
+    executor = executor_for(registry.get("cuda"), None)
     plan = tokenring.build_plan(problem.algorithm, layout, problem.causal, world_size)
     backward_plan = tokenring.build_plan(problem.algorithm, layout, problem.causal, world_size, backward=True)
     scale = problem.head_dim ** -0.5

@@ -15,7 +15,6 @@ from .call import agree, last_choice, prepare
 from .compiled import compiled_token_ring_attn, in_graph, run
 from .interfaces import InputError
 from .runtime import DEFAULT_TIMEOUT_S, timeout_s
-from .runtime import _executors, executor_for as _executor  # noqa: F401  (kept for tests and tools that reach in)
 
 __all__ = ["DEFAULT_TIMEOUT_S", "last_choice", "timeout_s", "token_ring_attn"]
 

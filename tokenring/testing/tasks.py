@@ -89,9 +89,9 @@ def _environment(name: str, value: str | None):
 
 def agreement_counts(rank: int, world_size: int, backend: str | None = None) -> dict:
     """The agreement's counters of this rank's default-group executor (tokenring.agreement.Agreement)."""
-    from ..api import _executors
+    from ..runtime import executors
 
-    agreement = next(e.agreement for (name, group), e in _executors.items()
+    agreement = next(e.agreement for (name, group), e in executors().items()
                      if group is None and (backend is None or name == backend))
     return {"gathers": agreement.gathers, "skips": agreement.skips, "cached": agreement.agreed is not None}
 
@@ -176,13 +176,13 @@ def double_backward(rank: int, world_size: int, problem: Problem) -> str:
 
 def pool_bytes_after_calls(rank: int, world_size: int, problem: Problem, calls: int) -> dict:
     """Bytes the executor keeps for reuse after ``calls`` forward+backward calls, and the shard's bytes."""
-    from tokenring.api import _executors
+    from tokenring.runtime import executors
 
     for _ in range(calls):
         q, k, v = (t.requires_grad_() for t in rank_inputs(problem, rank, world_size))
         out = tokenring.token_ring_attn(q, k, v, **problem.attention_kwargs())
         out.backward(torch.ones_like(out))
-    pools = [e.pool.nbytes() for e in _executors.values()]
+    pools = [e.pool.nbytes() for e in executors().values()]
     return {"pool_bytes": sum(pools), "shard_bytes": q.numel() * q.element_size()}
 
 

@@ -23,6 +23,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from ..runtime import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
+
 
 @dataclass
 class RankResult:
@@ -76,7 +78,7 @@ def _worker_main(rank, world_size, backend, tokenring_backend, init_file, thread
             init_method=f"file://{init_file}",
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=float(env.get("TOKENRING_TIMEOUT_S", 300))),
+            timeout=datetime.timedelta(seconds=float(env.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))),
         )
     except BaseException as exc:
         results.put(_failure(rank, exc))
