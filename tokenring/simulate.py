@@ -37,9 +37,12 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
+
+import numpy as np
 
 from .layout import Layout, default_layout, parse_layout
 from .plan import Payload, Plan, ProblemShape
@@ -171,12 +174,136 @@ def _shared_finish(starts: list[float], sizes: list[float], bandwidth: float) ->
     return finish
 
 
+class _Router:
+    """Every message's resources (numbered) and path latency, for whole steps at once.
+
+    Full meshes, switches and two-level groups are numbered arithmetically
+    (vectorized: a million pairs cost nothing); a physical ring's routes are
+    resolved pair by pair (`_Routes`) and remembered. The numbers are the
+    keys' order in `key`, the bandwidths in `bandwidth`.
+    """
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        n = self.n = topology.world_size
+        self.arithmetic = topology.kind != "ring"
+        if not self.arithmetic:
+            self.routes = _Routes(topology)
+            self.pairs: dict[int, tuple[tuple[int, ...], float]] = {}
+            return
+        link, inter, injection = topology.link, topology.inter_node, topology.injection_bytes_per_s
+        self.links = n * n if topology.kind == "fullmesh" else 0
+        base = self.links
+        # link a->b | port a out | port b in | nic out | nic in | injection a | ejection b
+        self.port_out, self.port_in = base, base + n
+        self.nic_out, self.nic_in = base + 2 * n, base + 3 * n
+        self.injection, self.ejection = base + 4 * n, base + 5 * n
+        bandwidth = np.empty(base + 6 * n)
+        bandwidth[:base + 2 * n] = link.bytes_per_s
+        bandwidth[base + 2 * n:base + 4 * n] = inter.bytes_per_s if inter is not None else math.nan
+        bandwidth[base + 4 * n:] = injection if injection is not None else math.nan
+        self.bandwidth = bandwidth
+
+    def key(self, i: int) -> tuple:
+        if not self.arithmetic:
+            return self.routes.keys[i]
+        n, nic = self.n, self.topology.nic
+        if i < self.links:
+            return ("link", i // n, i % n)
+        i -= self.links
+        what, index = divmod(i, n)
+        return (("port out", index), ("port in", index), ("nic out", nic, index), ("nic in", nic, index),
+                ("injection", index), ("ejection", index))[what]
+
+    def names(self, ids: "np.ndarray") -> list[str]:
+        """`resource_name` of each resource number (the links of a full mesh spelled in bulk)."""
+        if not self.arithmetic:
+            return [resource_name(self.key(i)) for i in ids.tolist()]
+        links = ids[ids < self.links]
+        named = [f"link {a}->{b}" for a, b in zip((links // self.n).tolist(), (links % self.n).tolist())]
+        return named + [resource_name(self.key(i)) for i in ids[ids >= self.links].tolist()]
+
+    def resolve(self, src: "np.ndarray", dst: "np.ndarray") -> "tuple[np.ndarray, np.ndarray]":
+        """(resources, latency): a row of resource numbers per message (-1: none), and its path's latency."""
+        if not self.arithmetic:
+            return self._resolve_each(src, dst)
+        topology = self.topology
+        n, per_node = self.n, topology.devices_per_node
+        columns = []
+        if topology.injection_bytes_per_s is not None:
+            columns.append(self.injection + src)
+        same = (src // per_node) == (dst // per_node)
+        if topology.nodes > 1:
+            out, into = (src // per_node, dst // per_node) if topology.nic == "node" else (src, dst)
+            first_between, second_between = self.nic_out + out, self.nic_in + into
+        if topology.kind == "fullmesh":
+            first, second = src * n + dst, np.full_like(src, -1)
+        else:
+            first, second = self.port_out + src, self.port_in + dst
+        if topology.nodes > 1:
+            first = np.where(same, first, first_between)
+            second = np.where(same, second, second_between)
+        columns += [first, second]
+        if topology.injection_bytes_per_s is not None:
+            columns.append(self.ejection + dst)
+        latency = np.full(len(src), topology.link.latency_s)
+        if topology.nodes > 1:
+            latency = np.where(same, latency, topology.inter_node.latency_s)
+        return np.stack(columns, axis=1), latency
+
+    def _resolve_each(self, src, dst):
+        pairs, routes = self.pairs, self.routes
+        found = []
+        for s, d in zip(src.tolist(), dst.tolist()):
+            path = pairs.get(s * self.n + d)
+            if path is None:
+                path = pairs[s * self.n + d] = routes.path(s, d)
+            found.append(path)
+        width = max((len(p[0]) for p in found), default=1)
+        resources = np.full((len(found), width), -1, dtype=np.int64)
+        for row, (ids, _) in enumerate(found):
+            resources[row, :len(ids)] = ids
+        self.bandwidth = np.asarray(routes.bandwidth, dtype=float)
+        return resources, np.array([p[1] for p in found], dtype=float)
+
+
+def _two_finish(start_a, size_a, start_b, size_b, bw):
+    """`_shared_finish` of two messages with different starts, for many resources at once, float for float.
+
+    ``a`` is the resource's first message in the step, ``b`` its second.
+    """
+    a_first = start_a < start_b
+    s1 = np.where(a_first, start_a, start_b)  # the earlier
+    s2 = np.where(a_first, start_b, start_a)
+    z1 = np.where(a_first, size_a, size_b)
+    z2 = np.where(a_first, size_b, size_a)
+    k1 = 0.0 + z1                      # the earlier one's virtual reading when done
+    alone = s1 + k1 / bw               # done before the later one arrives?
+    later_first = alone > s2
+    # Overlapping: both present from s2, the virtual clock at (s2 - s1) * bw.
+    virtual = (s2 - s1) * bw
+    k2 = virtual + z2
+    pos1 = np.where(a_first, 0, 1)     # the earlier one's place in the call's list (ties in the heap go by it)
+    one_leaves_first = (k1 < k2) | ((k1 == k2) & (pos1 == 0))
+    low, high = np.where(one_leaves_first, k1, k2), np.where(one_leaves_first, k2, k1)
+    done_low = s2 + (low - virtual) * 2 / bw
+    done_high = done_low + (high - low) * 1 / bw
+    overlap_1 = np.where(one_leaves_first, done_low, done_high)
+    overlap_2 = np.where(one_leaves_first, done_high, done_low)
+    # Apart: the earlier done at `alone`, the later alone from s2.
+    k2_apart = k1 + z2
+    apart_2 = s2 + (k2_apart - k1) * 1 / bw
+    finish_1 = np.where(later_first, overlap_1, alone)
+    finish_2 = np.where(later_first, overlap_2, apart_2)
+    return np.where(a_first, finish_1, finish_2), np.where(a_first, finish_2, finish_1)
+
+
 def simulate(plan: Plan, shape: ProblemShape, topology: Topology) -> Prediction:
     """Predict the time of ``plan`` for problem ``shape`` on ``topology``: per step, in total, bytes per resource."""
     n = plan.world_size
     if topology.world_size != n:
         raise ValueError(f"the plan is for {n} ranks, the topology has {topology.world_size} devices")
-    routes = _Routes(topology)
+    router = _Router(topology)
     compute_model = topology.compute
     backward = plan.backward
     flop_factor = compute_model.backward_ratio if backward else 1.0
@@ -185,11 +312,8 @@ def simulate(plan: Plan, shape: ProblemShape, topology: Topology) -> Prediction:
     seq_q, seq_kv = shape.seq_local, shape.kv_seq
 
     # Spans repeat over a plan (ALL, FIRST, SECOND, a few chunks): price each kind of block and message once.
-    # Keyed on identity, which the plan keeps alive, because hashing Fractions on every block is slow.
-    block_seconds: dict[tuple[int, int, object], float] = {}
-    message_bytes: dict[object, dict[int, int]] = {payload: {} for payload in Payload}
-    paths: dict[int, tuple[tuple[int, ...], float]] = {}  # keyed src * n + dst
-    bandwidth = routes.bandwidth
+    block_seconds: dict[tuple, float] = {}
+    message_bytes: dict[tuple, int] = {}
 
     def price_block(block) -> float:
         q_rows = block.q_span.fraction * seq_q
@@ -198,127 +322,139 @@ def simulate(plan: Plan, shape: ProblemShape, topology: Topology) -> Prediction:
         rate = compute_model.rate(backward, int(q_rows), int(kv_rows))
         return (0.0 if math.isinf(rate) else flops / rate) + overhead
 
-    post = [0.0] * n  # when each rank posts the current step: when it finished the previous one
+    # Keys hashed in C: spans are tuples of ints; the payload and the mask by identity (enum members).
+    get_q, get_kv, get_mask, get_payload, get_span = (
+        operator.attrgetter(name) for name in ("q_span", "kv_span", "mask", "payload", "span"))
+    get_rank, get_src, get_dst = (operator.attrgetter(name) for name in ("rank", "src", "dst"))
+
+    def block_keys(blocks):
+        return zip(map(get_q, blocks), map(get_kv, blocks), map(id, map(get_mask, blocks)))
+
+    def message_keys(transfers):
+        return zip(map(id, map(get_payload, transfers)), map(get_span, transfers))
+
+    def block_costs(blocks) -> np.ndarray:
+        try:
+            return np.fromiter(map(block_seconds.__getitem__, block_keys(blocks)), float, len(blocks))
+        except KeyError:  # a kind of block not priced yet: price the step's new ones, once
+            for key, block in zip(block_keys(blocks), blocks):
+                if key not in block_seconds:
+                    block_seconds[key] = price_block(block)
+            return block_costs(blocks)
+
+    def message_sizes(transfers) -> np.ndarray:
+        try:
+            return np.fromiter(map(message_bytes.__getitem__, message_keys(transfers)), np.int64, len(transfers))
+        except KeyError:
+            for key, t in zip(message_keys(transfers), transfers):
+                if key not in message_bytes:
+                    message_bytes[key] = shape.payload_bytes(t.payload, t.span)
+            return message_sizes(transfers)
+
+    post = np.zeros(n)  # when each rank posts the current step: when it finished the previous one
     last_end = 0.0
-    pair_bytes: defaultdict[int, int] = defaultdict(int)  # keyed src * n + dst; spread over resources at the end
+    used_resources: list[np.ndarray] = []  # per step: each message's resources, and its bytes
+    used_bytes: list[np.ndarray] = []
     steps: list[StepPrediction] = []
     comm_total = exposed_total = 0.0
-    busiest_compute = [0.0] * n
+    busiest_compute = np.zeros(n)
     for step in plan.steps:
-        compute = [0.0] * n
-        for b in step.blocks:
-            key = (id(b.q_span), id(b.kv_span), b.mask)
-            seconds = block_seconds.get(key)
-            if seconds is None:
-                seconds = block_seconds[key] = price_block(b)
-            compute[b.rank] += seconds
-        if per_message:
-            for t in step.transfers:  # host time on both ends of each message, while the rank cannot compute
-                compute[t.src] += per_message
-                compute[t.dst] += per_message
+        blocks, transfers = step.blocks, step.transfers
+        compute = np.zeros(n)
+        if blocks:
+            ranks = np.fromiter(map(get_rank, blocks), np.int64, len(blocks))
+            seconds = block_costs(blocks)
+            np.add.at(compute, ranks, seconds)  # in block order, as a rank adds them up
+        count = len(transfers)
+        if not count:
+            messages_done = np.full(n, -1.0)
+            step_bytes = 0
+        else:
+            src = np.fromiter(map(get_src, transfers), np.int64, count)
+            dst = np.fromiter(map(get_dst, transfers), np.int64, count)
+            size = message_sizes(transfers)
+            if per_message:  # host time on both ends of each message, while the rank cannot compute
+                np.add.at(compute, np.stack([src, dst], axis=1).ravel(), per_message)
+            resources, latency = router.resolve(src, dst)
+            bandwidth = router.bandwidth
+            start = np.maximum(post[src], post[dst])
+            step_bytes = int(size.sum())
 
-        # Gather each resource's messages of this step. Most resources carry one message a step: those
-        # are settled at once; the others share (`_shared_finish`).
-        count = len(step.transfers)
-        msg_src = [0] * count
-        msg_dst = [0] * count
-        msg_start = [0.0] * count
-        msg_size = [0] * count
-        msg_latency = [0.0] * count
-        first_user: dict[int, int] = {}   # resource -> its first message of the step
-        second_user: dict[int, int] = {}  # resource -> its second one, if any
-        crowded: dict[int, list[int]] = {}  # resource -> all its messages, when three or more
-        for i, t in enumerate(step.transfers):
-            sizes = message_bytes[t.payload]
-            size = sizes.get(id(t.span))
-            if size is None:
-                size = sizes[id(t.span)] = shape.payload_bytes(t.payload, t.span)
-            src, dst = t.src, t.dst
-            pair = src * n + dst
-            path = paths.get(pair)
-            if path is None:
-                path = paths[pair] = routes.path(src, dst)
-            pair_bytes[pair] += size
-            msg_src[i], msg_dst[i], msg_size[i], msg_latency[i] = src, dst, size, path[1]
-            msg_start[i] = post[src] if post[src] >= post[dst] else post[dst]
-            for r in path[0]:
-                other = first_user.setdefault(r, i)
-                if other != i:
-                    second = second_user.setdefault(r, i)
-                    if second != i:
-                        users = crowded.get(r)
-                        if users is None:
-                            crowded[r] = [other, second, i]
-                        else:
-                            users.append(i)
+            # Each resource's messages of the step, in message order: most carry one, settled at once; two
+            # share in closed form; three or more share by `_shared_finish`.
+            width = resources.shape[1]
+            flat = resources.ravel()
+            owner = np.repeat(np.arange(count), width)
+            keep = flat >= 0
+            flat, owner = flat[keep], owner[keep]
+            used_resources.append(flat)
+            used_bytes.append(size[owner])
+            order = np.argsort(flat, kind="stable")
+            flat, owner = flat[order], owner[order]
+            boundaries = np.flatnonzero(np.diff(flat)) + 1
+            first = np.concatenate(([0], boundaries))
+            users = np.diff(np.concatenate((first, [len(flat)])))
+            carried = np.zeros(count)  # when the slowest resource on its path has carried each message
 
-        carried = [0.0] * count  # when the slowest resource on its path has carried each message
-        for r, i in first_user.items():
-            if r in second_user:
-                continue
-            done = msg_start[i] + msg_size[i] / bandwidth[r]
-            if done > carried[i]:
-                carried[i] = done
-        for r, j in second_user.items():
-            if r in crowded:
-                continue
-            i = first_user[r]
-            bw = bandwidth[r]
-            if msg_start[i] == msg_start[j]:
-                # Both from the same moment, the usual pair (a query and a partial on one port): both at half
-                # rate until the smaller is done, then the larger alone.
-                if msg_size[i] > msg_size[j]:
-                    i, j = j, i
-                done_i = msg_start[i] + 2 * msg_size[i] / bw
-                done_j = msg_start[i] + (msg_size[i] + msg_size[j]) / bw
-            else:
-                done_i, done_j = _shared_finish([msg_start[i], msg_start[j]], [msg_size[i], msg_size[j]], bw)
-            if done_i > carried[i]:
-                carried[i] = done_i
-            if done_j > carried[j]:
-                carried[j] = done_j
-        for r, members in crowded.items():
-            finish = _shared_finish([msg_start[i] for i in members], [msg_size[i] for i in members], bandwidth[r])
-            for i, done in zip(members, finish):
-                if done > carried[i]:
-                    carried[i] = done
+            alone = first[users == 1]
+            if len(alone):
+                i = owner[alone]
+                np.maximum.at(carried, i, start[i] + size[i] / bandwidth[flat[alone]])
+            pairs = first[users == 2]
+            if len(pairs):
+                i, j = owner[pairs], owner[pairs + 1]
+                bw = bandwidth[flat[pairs]]
+                same = start[i] == start[j]
+                # Both from the same moment (a query and a partial on one port): both at half rate until the
+                # smaller is done, then the larger alone.
+                swap = size[i] > size[j]
+                small, large = np.where(swap, j, i), np.where(swap, i, j)
+                done_small = start[small] + 2 * size[small] / bw
+                done_large = start[small] + (size[small] + size[large]) / bw
+                done_i_same = np.where(swap, done_large, done_small)
+                done_j_same = np.where(swap, done_small, done_large)
+                done_i, done_j = _two_finish(start[i], size[i], start[j], size[j], bw)
+                np.maximum.at(carried, i, np.where(same, done_i_same, done_i))
+                np.maximum.at(carried, j, np.where(same, done_j_same, done_j))
+            for at, many in zip(first[users > 2].tolist(), users[users > 2].tolist()):
+                members = owner[at:at + many]
+                finish = _shared_finish(start[members].tolist(), size[members].tolist(), float(bandwidth[flat[at]]))
+                np.maximum.at(carried, members, finish)
 
-        messages_done = [-1.0] * n  # per rank: when its last message of the step is done (-1: it has none)
-        for i in range(count):
-            done = carried[i] + msg_latency[i]
-            for rank in (msg_src[i], msg_dst[i]):
-                if done > messages_done[rank]:
-                    messages_done[rank] = done
+            done = carried + latency
+            messages_done = np.full(n, -1.0)  # per rank: when its last message of the step is done (-1: none)
+            np.maximum.at(messages_done, src, done)
+            np.maximum.at(messages_done, dst, done)
 
+        computed = post + compute
+        busiest_compute += compute
+        has = messages_done >= 0
+        waited = np.where(messages_done > computed, messages_done - computed, 0.0)
+        end = np.where(has, computed + waited, computed)
         step_comm = step_exposed = 0.0
-        for r in range(n):
-            computed = post[r] + compute[r]
-            busiest_compute[r] += compute[r]
-            end = computed
-            if messages_done[r] >= 0:
-                comm = messages_done[r] - post[r]
-                waited = messages_done[r] - computed if messages_done[r] > computed else 0.0
-                end = computed + waited
-                comm_total += comm
-                exposed_total += waited
-                if comm > step_comm:
-                    step_comm = comm
-                if waited > step_exposed:
-                    step_exposed = waited
-            post[r] = end
-        end_of_step = max(post) if n else 0.0
-        steps.append(StepPrediction(step.index, end_of_step - last_end, max(compute, default=0.0), step_comm,
-                                    step_exposed, sum(msg_size)))
+        if has.any():
+            comm = (messages_done - post)[has]
+            waits = waited[has]
+            # Summed rank by rank, in order, as one would by hand (an accumulate adds in sequence).
+            comm_total = float(np.add.accumulate(np.concatenate(([comm_total], comm)))[-1])
+            exposed_total = float(np.add.accumulate(np.concatenate(([exposed_total], waits)))[-1])
+            step_comm = max(0.0, float(comm.max()))
+            step_exposed = max(0.0, float(waits.max()))
+        post = end
+        end_of_step = float(post.max()) if n else 0.0
+        steps.append(StepPrediction(step.index, end_of_step - last_end, float(compute.max()) if n else 0.0,
+                                    step_comm, step_exposed, step_bytes))
         last_end = end_of_step
 
-    by_resource = [0] * len(routes.keys)
-    for pair, size in pair_bytes.items():
-        for r in paths[pair][0]:
-            by_resource[r] += size
-    resource_bytes = {resource_name(key): size for key, size in zip(routes.keys, by_resource)}
+    resource_bytes: dict[str, int] = {}
+    if used_resources:
+        flat = np.concatenate(used_resources)
+        totals = np.bincount(flat, weights=np.concatenate(used_bytes).astype(float))
+        touched = np.flatnonzero(np.bincount(flat))
+        resource_bytes = dict(zip(router.names(touched), totals[touched].astype(np.int64).tolist()))
     return Prediction(
         algorithm=plan.algorithm, backward=backward, world_size=n, total=last_end, steps=tuple(steps),
-        compute=max(busiest_compute, default=0.0), comm=comm_total, exposed=exposed_total,
+        compute=float(busiest_compute.max()) if n else 0.0, comm=comm_total, exposed=exposed_total,
         resource_bytes=resource_bytes,
     )
 
