@@ -135,3 +135,38 @@ def test_pruning_chooses_what_replaying_every_schedule_chooses(kind, needs_grad,
         _choose.cache_clear()
         choice = choose(problem, True, "zigzag", 8, needs_grad, profile=profile)
         assert choice.algorithm == expected and choice.predicted_s == times[expected]
+
+
+def test_a_plugin_schedule_without_a_closed_form_is_still_built_and_considered(monkeypatch):
+    import types
+
+    import tokenring
+    from tokenring import simulate
+    from tokenring.plan import Plan, Schedule
+    from tokenring.planner import _choose
+    from tokenring.registry import registry
+    from tokenring.schedules.hops import one_hop_steps
+
+    def queries_backwards(layout, causal, n):
+        return Plan("tokenring-reverse", layout, causal, n, one_hop_steps(True, layout, causal, n, -1))
+
+    module = types.ModuleType("planner_test_plugin")
+    module.tokenring_register_schedules = tokenring.hookimpl(lambda register: register(
+        Schedule("tokenring-reverse", "queries travel r -> r-1", queries_backwards)))
+    saved = list(registry._extra_plugins)
+    registry.register_plugin(module, "planner-test-plugin 0.1")
+    try:
+        built = []
+        predict = simulate.predict
+        monkeypatch.setattr(simulate, "predict", lambda name, *a, **k: built.append(name) or predict(name, *a, **k))
+        profile = fullmesh(4, 0.1, 5, tflops=None)  # comm-bound: compute rules nothing out
+        _choose.cache_clear()
+        choice = choose(shape(), False, "contiguous", 4, False, profile=profile)
+        assert "tokenring-reverse" in built
+        times = {e.name: e.forward.total for e in predict_all(shape(), profile, False, "contiguous").estimates
+                 if e.error is None}
+        assert "tokenring-reverse" in times and times[choice.algorithm] <= min(times.values()) * (1 + TIE)
+    finally:
+        registry._extra_plugins[:] = saved
+        registry.reset()
+        _choose.cache_clear()

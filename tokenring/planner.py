@@ -2,11 +2,15 @@
 
 No schedule wins everywhere (docs/design.md, "Where each schedule wins and
 why"), and every plan's traffic per link and step is known before it runs, so
-the choice is a replay: `tokenring.simulate.predict_all` runs each registered
-schedule's forward plan (and its backward plan, when the call needs
-gradients) on the profile and the fastest wins. Schedules predicted within
-`TIE` of the fastest count as tied, and ties go to the simpler schedule
-(`PREFERENCE`), so that noise in a profile does not flip the choice.
+the choice is a replay: `tokenring.simulate.predict` runs a schedule's
+forward plan (and its backward plan, when the call needs gradients) on the
+profile and the fastest wins. Schedules predicted within `TIE` of the
+fastest count as tied, and ties go to the simpler schedule (`PREFERENCE`), so
+that noise in a profile does not flip the choice. Only the schedules that
+could change the choice are built and replayed: the others are ruled out by
+a closed-form lower bound on their time (`lower_bound`, `skippable`), so the
+choice is the one replaying every schedule would make, at the cost of the
+few plans that matter.
 
 The profile is the file `tokenring calibrate` writes (`tokenring.topology`,
 default location there); without one, or with one for another number of
