@@ -61,7 +61,7 @@ def test_non_finite_inputs_never_come_out_finite_on_any_schedule(algorithm, layo
     for world_size in (2, 3):
         plan = build_plan(algorithm, layout, causal, world_size)
         s_local = rows * plan.granularity
-        block_rows = {min(int(span.stop * s_local) - int(span.start * s_local) for span in (b.q_span, b.kv_span))
+        block_rows = {min(span.rows(s_local)[1] for span in (b.q_span, b.kv_span))
                       for step in plan.steps for b in step.blocks}
         assert min(block_rows) == rows, block_rows  # the smallest blocks: `rows` queries or keys
         shards, (q, k, v) = _problem(world_size, s_local, layout, seed=rows)

@@ -27,12 +27,6 @@ from collections import defaultdict
 
 from .plan import Block, Payload, Plan, Span, Step, Transfer
 
-_RENAMED = {
-    Payload.QUERY: Payload.GRAD_QUERY,
-    Payload.PARTIAL: Payload.GRAD_PARTIAL,
-    Payload.KEY_VALUE: Payload.KEY_VALUE,
-}
-
 
 def derive_backward(forward: Plan) -> Plan:
     if forward.backward:
@@ -40,154 +34,139 @@ def derive_backward(forward: Plan) -> Plan:
     # One pass over the plan: each owner's keys/values blocks away from home, and its key/value messages.
     away: dict[int, list[tuple[int, Block]]] = defaultdict(list)
     sent: dict[int, list[Transfer]] = defaultdict(list)
+    key_value = Payload.KEY_VALUE
     for step in forward.steps:
+        index = step.index
         for b in step.blocks:
             if b.rank != b.kv_owner:
-                away[b.kv_owner].append((step.index, b))
+                away[b.kv_owner].append((index, b))
         for t in step.transfers:
-            if t.payload is Payload.KEY_VALUE:
+            if t.payload is key_value:
                 sent[t.owner].append(t)
-    spans = _Spans()
     extra: dict[int, list[Transfer]] = defaultdict(list)
     for owner in range(forward.world_size):
-        for step, transfer in _grad_kv_route(owner, away.get(owner, []), sent.get(owner, []), spans):
+        for step, transfer in _grad_kv_route(owner, away.get(owner, []), sent.get(owner, [])):
             extra[step].append(transfer)
     last = max([s.index for s in forward.steps] + list(extra), default=-1)
     by_index = {s.index: s for s in forward.steps}
     steps = []
     for index in range(last + 1):
         step = by_index.get(index, Step(index, (), ()))
-        renamed = tuple(_renamed(t) for t in step.transfers)
-        steps.append(Step(index, step.blocks, renamed + tuple(extra.get(index, ()))))
+        renamed = [_renamed(t) for t in step.transfers]
+        steps.append(Step(index, step.blocks, tuple(renamed + extra.get(index, []))))
     return dataclasses.replace(forward, steps=tuple(steps), backward=True)
 
 
 def _renamed(t: Transfer) -> Transfer:
-    payload = _RENAMED[t.payload]
-    return t if payload is t.payload else Transfer(t.src, t.dst, payload, t.owner, t.span)
+    payload = t.payload  # compared by identity: hashing a str enum costs a Python call
+    if payload is Payload.KEY_VALUE:
+        return t
+    if payload is Payload.QUERY:
+        return Transfer(t.src, t.dst, Payload.GRAD_QUERY, t.owner, t.span)
+    if payload is Payload.PARTIAL:
+        return Transfer(t.src, t.dst, Payload.GRAD_PARTIAL, t.owner, t.span)
+    raise KeyError(payload)
 
 
-class _Spans:
-    """``contains``, ``overlaps`` and ``hull`` of spans, remembered per pair of span objects.
-
-    A plan reuses a few span objects for many blocks and messages; Fraction
-    arithmetic on each of them would dominate at large N. The memos hold the
-    spans they saw, so their ids stay theirs.
-    """
-
-    def __init__(self) -> None:
-        self._contains: dict[tuple[int, int], tuple[Span, Span, bool]] = {}
-        self._overlaps: dict[tuple[int, int], tuple[Span, Span, bool]] = {}
-        self._hull: dict[tuple[int, int], tuple[Span, Span, Span]] = {}
-        self._values: dict[tuple, Span] = {}  # one object per hull value, so the memos stay small
-
-    def contains(self, a: Span, b: Span) -> bool:
-        if a is b:
-            return True
-        hit = self._contains.get((id(a), id(b)))
-        if hit is None:
-            hit = self._contains[(id(a), id(b))] = (a, b, a.contains(b))
-        return hit[2]
-
-    def overlaps(self, a: Span, b: Span) -> bool:
-        hit = self._overlaps.get((id(a), id(b)))
-        if hit is None:
-            hit = self._overlaps[(id(a), id(b))] = (a, b, a.intersection(b) is not None)
-        return hit[2]
-
-    def hull(self, a: Span, b: Span | None) -> Span:
-        if b is None or a is b:
-            return a
-        hit = self._hull.get((id(a), id(b)))
-        if hit is None:
-            value = a.hull(b)
-            hit = self._hull[(id(a), id(b))] = (a, b, self._values.setdefault((value.start, value.stop), value))
-        return hit[2]
+def _hull(a: Span, b: Span | None) -> Span:
+    if b is None or a == b:
+        return a
+    return a.hull(b)
 
 
 class _Pieces:
     """Which chain's piece holds a span: at most one, since the pieces of one owner's chains never overlap."""
 
-    def __init__(self, chains: list[tuple[Span, list[int]]], spans: _Spans) -> None:
+    def __init__(self, chains: list[tuple[Span, list[int]]]) -> None:
         self._chains = chains
-        self._spans = spans
-        self._memo: dict[int, tuple[int, Span, int | None]] = {}  # id(span) -> (chains then, span, chain)
+        self._memo: dict[Span, int | None] = {}
+        self._known = 0  # how many chains the memo has seen
 
     def holding(self, span: Span) -> int | None:
-        hit = self._memo.get(id(span))
-        if hit is None or hit[0] != len(self._chains):
-            found = next((i for i, (piece, _) in enumerate(self._chains) if self._spans.contains(piece, span)), None)
-            hit = self._memo[id(span)] = (len(self._chains), span, found)
-        return hit[2]
+        if self._known != len(self._chains):
+            self._memo.clear()
+            self._known = len(self._chains)
+        try:
+            return self._memo[span]
+        except KeyError:
+            found = next((i for i, (piece, _) in enumerate(self._chains) if piece.contains(span)), None)
+            self._memo[span] = found
+            return found
 
 
-def _grad_kv_route(owner: int, away: list[tuple[int, Block]], sent: list[Transfer],
-                   spans: _Spans) -> list[tuple[int, Transfer]]:
+def _grad_kv_route(owner: int, away: list[tuple[int, Block]], sent: list[Transfer]) -> list[tuple[int, Transfer]]:
     """(step, transfer) of every dK/dV message that brings ``owner``'s gradients home.
 
     ``away``: (step, block) of every block computed with ``owner``'s keys on
     another rank, in plan order; ``sent``: the messages of its keys/values,
     in plan order.
     """
-    found = _chains(owner, sent, spans)
+    found = _chains(owner, sent)
     if found is None:
-        return _straight_home(owner, away, spans)
+        return _straight_home(owner, away)
     chains, members = found
-    pieces = _Pieces(chains, spans)
+    pieces = _Pieces(chains)
     on_chain: list[list[tuple[int, Block]]] = [[] for _ in chains]
-    for step, b in away:
-        i = pieces.holding(b.kv_span)
+    holding: dict[Span, int | None] = {}  # the chains are final here
+    for item in away:
+        b = item[1]
+        span = b.kv_span
+        i = holding[span] if span in holding else holding.setdefault(span, pieces.holding(span))
         if i is None or b.rank not in members[i]:  # a block on no chain: do not guess
-            return _straight_home(owner, away, spans)
-        on_chain[i].append((step, b))
+            return _straight_home(owner, away)
+        on_chain[i].append(item)
     messages = []
     for (piece, chain), blocks in zip(chains, on_chain):
-        messages += _along_chain(owner, chain, blocks, spans)
+        messages += _along_chain(owner, chain, blocks)
     return messages
 
 
-def _straight_home(owner: int, away: list[tuple[int, Block]], spans: _Spans) -> list[tuple[int, Transfer]]:
+def _straight_home(owner: int, away: list[tuple[int, Block]]) -> list[tuple[int, Transfer]]:
     """Each contributor's own sum, straight home after its last block."""
-    last_block, covered = _contributions(away, spans)
+    last_block, covered = _contributions(away)
     return [
         (last_block[h] + 1, Transfer(h, owner, Payload.GRAD_KEY_VALUE, owner, covered[h]))
         for h in sorted(last_block)
     ]
 
 
-def _contributions(blocks: list[tuple[int, Block]], spans: _Spans) -> tuple[dict[int, int], dict[int, Span]]:
+def _contributions(blocks: list[tuple[int, Block]]) -> tuple[dict[int, int], dict[int, Span]]:
     """Per holder of the keys of these blocks: its last block's step and the hull of its rows."""
     last_block: dict[int, int] = {}
     covered: dict[int, Span] = {}
     for step, b in blocks:
-        last_block[b.rank] = step
-        covered[b.rank] = spans.hull(b.kv_span, covered.get(b.rank))
+        rank, span = b.rank, b.kv_span
+        last_block[rank] = step
+        had = covered.get(rank)
+        covered[rank] = span if had is None or had == span else span.hull(had)
     return last_block, covered
 
 
-def _along_chain(owner: int, chain: list[int], blocks: list[tuple[int, Block]],
-                 spans: _Spans) -> list[tuple[int, Transfer]]:
+def _along_chain(owner: int, chain: list[int], blocks: list[tuple[int, Block]]) -> list[tuple[int, Transfer]]:
     """The running sum of one piece starts at its first contributor, follows the chain, goes home from the last."""
-    last_block, covered = _contributions(blocks, spans)
+    last_block, covered = _contributions(blocks)
     contributors = [h for h in chain if h in last_block]
     if not contributors:
         return []
     route = chain[chain.index(contributors[0]) : chain.index(contributors[-1]) + 1] + [owner]
     messages = []
+    add = messages.append
+    grad_kv = Payload.GRAD_KEY_VALUE
     carried: Span | None = None
     ready = -1  # the step after which the sum held at route[i] is complete
     for here, there in zip(route, route[1:]):
-        if here in last_block:
-            carried = spans.hull(covered[here], carried)
-            ready = max(ready, last_block[here])
+        last = last_block.get(here)
+        if last is not None:
+            carried = _hull(covered[here], carried)
+            if last > ready:
+                ready = last
         assert carried is not None
-        messages.append((ready + 1, Transfer(here, there, Payload.GRAD_KEY_VALUE, owner, carried)))
+        add((ready + 1, Transfer(here, there, grad_kv, owner, carried)))
         ready += 1
     return messages
 
 
-def _chains(owner: int, sent: list[Transfer],
-            spans: _Spans) -> tuple[list[tuple[Span, list[int]]], list[set[int]]] | None:
+def _chains(owner: int, sent: list[Transfer]) -> tuple[list[tuple[Span, list[int]]], list[set[int]]] | None:
     """The chains ``owner``'s keys/values went down, one per piece: (the piece, the ranks in order), and their ranks.
 
     Each message of the owner's keys either leaves the owner (a new chain,
@@ -197,18 +176,22 @@ def _chains(owner: int, sent: list[Transfer],
     """
     chains: list[tuple[Span, list[int]]] = []
     visited: list[set[int]] = []
-    pieces = _Pieces(chains, spans)
+    pieces = _Pieces(chains)
     for t in sent:
-        if t.src == owner:
-            if any(spans.overlaps(piece, t.span) for piece, _ in chains):
+        src, dst = t.src, t.dst
+        if src == owner:
+            if any(piece.intersection(t.span) is not None for piece, _ in chains):
                 return None
-            chains.append((t.span, [t.dst]))
-            visited.append({t.dst})
+            chains.append((t.span, [dst]))
+            visited.append({dst})
             continue
         # The pieces never overlap: the one chain whose piece holds the span must end at the sender.
         i = pieces.holding(t.span)
-        if i is None or chains[i][1][-1] != t.src or t.dst in visited[i] or t.dst == owner:
+        if i is None:
             return None
-        chains[i][1].append(t.dst)
-        visited[i].add(t.dst)
+        ranks, seen = chains[i][1], visited[i]
+        if ranks[-1] != src or dst in seen or dst == owner:
+            return None
+        ranks.append(dst)
+        seen.add(dst)
     return chains, visited

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
+import operator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -39,75 +40,134 @@ class PlanError(AssertionError):
     """The plan would compute something other than exact attention (raised by `tokenring.plancheck`)."""
 
 
-@dataclass(frozen=True)
-class Span:
-    """The rows [start, stop) of a shard, as fractions of its length (0 <= start < stop <= 1)."""
+class Span(tuple):
+    """Chunks [start, stop) of a shard cut into ``of`` equal chunks (0 <= start < stop <= of).
 
-    start: Fraction
-    stop: Fraction
+    Always in lowest terms, so a span is a plain tuple of three ints: equal
+    spans compare and hash equal, cheaply. ``Span(start, stop)`` with
+    fractions of the shard (or 0 and 1) builds the same span.
+    """
 
-    def __post_init__(self) -> None:
-        start, stop = Fraction(self.start), Fraction(self.stop)
-        if not 0 <= start < stop <= 1:
-            raise ValueError(f"a span needs 0 <= start < stop <= 1, got [{start}, {stop})")
-        object.__setattr__(self, "start", start)
-        object.__setattr__(self, "stop", stop)
+    __slots__ = ()
+
+    def __new__(cls, start, stop, of: int | None = None) -> "Span":
+        if of is None:
+            start, stop = Fraction(start), Fraction(stop)
+            of = start.denominator * stop.denominator // math.gcd(start.denominator, stop.denominator)
+            start, stop = start.numerator * (of // start.denominator), stop.numerator * (of // stop.denominator)
+        elif not (type(start) is int and type(stop) is int and type(of) is int):
+            start, stop, of = operator.index(start), operator.index(stop), operator.index(of)
+        if not 0 <= start < stop <= of:
+            raise ValueError(f"a span needs 0 <= start < stop <= 1, got [{start}/{of}, {stop}/{of})")
+        g = math.gcd(start, stop, of)
+        if g != 1:
+            start, stop, of = start // g, stop // g, of // g
+        return tuple.__new__(cls, (start, stop, of))
+
+    def __getnewargs__(self) -> tuple[int, int, int]:
+        return tuple(self)
+
+    start = property(operator.itemgetter(0), doc="The first chunk, of ``of``.")
+    stop = property(operator.itemgetter(1), doc="The chunk after the last, of ``of``.")
+    of = property(operator.itemgetter(2), doc="How many equal chunks the shard is cut into (in lowest terms).")
 
     @classmethod
     def chunks(cls, first: int, stop: int, of: int) -> "Span":
         """Chunks [first, stop) of a shard cut into ``of`` equal chunks."""
-        return cls(Fraction(first, of), Fraction(stop, of))
+        return cls(first, stop, of)
 
     @property
     def fraction(self) -> Fraction:
-        return self.stop - self.start
+        """The share of the shard it covers."""
+        return Fraction(self[1] - self[0], self[2])
 
     @property
     def denominator(self) -> int:
         """The fewest equal chunks a shard must be cut into for this span to be whole chunks."""
-        return math.lcm(self.start.denominator, self.stop.denominator)
+        return self[2]
 
-    @functools.lru_cache(maxsize=4096)  # Fraction arithmetic on every message of every call adds up
     def rows(self, length: int) -> tuple[int, int]:
         """(offset, count) of this span in a shard of ``length`` rows."""
-        offset, end = self.start * length, self.stop * length
-        if offset.denominator != 1 or end.denominator != 1:
+        start, stop, of = self
+        per_chunk, rest = divmod(length, of)
+        if rest:
             raise ValueError(f"span {self} does not fall on whole rows of a shard of {length}")
-        return int(offset), int(end - offset)
+        return start * per_chunk, (stop - start) * per_chunk
 
     def row_range(self, length: int) -> tuple[int, int]:
         """[first, stop) rows of this span in a shard of ``length`` rows."""
-        offset, count = self.rows(length)
-        return offset, offset + count
+        start, stop, of = self
+        per_chunk, rest = divmod(length, of)
+        if rest:
+            raise ValueError(f"span {self} does not fall on whole rows of a shard of {length}")
+        return start * per_chunk, stop * per_chunk
 
     def contains(self, other: "Span") -> bool:
-        return self.start <= other.start and other.stop <= self.stop
+        a, b, n = self
+        c, d, m = other
+        if n == m:
+            return a <= c and d <= b
+        return a * m <= c * n and d * n <= b * m
 
     def hull(self, other: "Span | None") -> "Span":
         """The smallest span covering both."""
-        if other is None:
+        if other is None or other == self:
             return self
-        return Span(min(self.start, other.start), max(self.stop, other.stop))
+        key = (self, other)
+        got = _HULLS.get(key)
+        if got is None:
+            a, b, n = self
+            c, d, m = other
+            if n == m:
+                got = Span(min(a, c), max(b, d), n)
+            else:
+                of = n * m // math.gcd(n, m)
+                got = Span(min(a * (of // n), c * (of // m)), max(b * (of // n), d * (of // m)), of)
+            if len(_HULLS) > 65536:
+                _HULLS.clear()
+            _HULLS[key] = got
+        return got
 
     def intersection(self, other: "Span") -> "Span | None":
         """The rows both cover, or None."""
-        start, stop = max(self.start, other.start), min(self.stop, other.stop)
-        return Span(start, stop) if start < stop else None
+        a, b, n = self
+        c, d, m = other
+        if n != m:
+            of = n * m // math.gcd(n, m)
+            a, b, c, d, n = a * (of // n), b * (of // n), c * (of // m), d * (of // m), of
+        start, stop = max(a, c), min(b, d)
+        return Span(start, stop, n) if start < stop else None
 
     def within(self, outer: "Span") -> "Span":
         """This span as a fraction of ``outer``, which must contain it."""
         if not outer.contains(self):
             raise ValueError(f"span {self} is not inside {outer}")
-        return Span((self.start - outer.start) / outer.fraction, (self.stop - outer.start) / outer.fraction)
+        a, b, n = self
+        c, d, m = outer
+        # a/n - c/m over (d - c)/m: (a m - c n) / ((d - c) n)
+        return Span(a * m - c * n, b * m - c * n, (d - c) * n)
 
     def __str__(self) -> str:
         if self == ALL:
             return "all"
-        n = self.denominator
-        return f"[{self.start * n}:{self.stop * n})/{n}"
+        return f"[{self[0]}:{self[1]})/{self[2]}"
+
+    def __repr__(self) -> str:
+        return f"Span({self[0]}, {self[1]}, {self[2]})"
 
 
-ALL = Span(Fraction(0), Fraction(1))
+# Span.hull by value: builders and the backward ask it for the same few pairs of spans again and again.
+_HULLS: dict[tuple[Span, Span], Span] = {}
+
+
+def _ratio(numerator: int, denominator: int) -> str:
+    """``str(Fraction(numerator, denominator))``, in ints."""
+    g = math.gcd(numerator, denominator)
+    numerator, denominator = numerator // g, denominator // g
+    return str(numerator) if denominator == 1 else f"{numerator}/{denominator}"
+
+
+ALL = Span(0, 1, 1)
 FIRST = Span.chunks(0, 1, 2)   # the first of a zigzag shard's two chunks
 SECOND = Span.chunks(1, 2, 2)  # the second
 
@@ -145,7 +205,10 @@ class Section:
     seq_dim: int       # the dimension along which a span narrows it
 
 
-@dataclass(frozen=True)
+# Block and Transfer are frozen dataclasses whose __init__ fills the instance dict at once: a plan at
+# N = 1024 holds millions of them, and the generated frozen __init__ (one object.__setattr__ per field)
+# costs twice as much. Same fields, same equality, hashing and dataclasses.replace.
+@dataclass(frozen=True, init=False)
 class Block:
     """One kernel call: ``rank`` computes q_owner's q_span against kv_owner's kv_span."""
 
@@ -156,14 +219,24 @@ class Block:
     kv_span: Span
     mask: Mask
 
+    def __init__(self, rank: int, q_owner: int, q_span: Span, kv_owner: int, kv_span: Span, mask: Mask) -> None:
+        d = self.__dict__
+        d["rank"] = rank
+        d["q_owner"] = q_owner
+        d["q_span"] = q_span
+        d["kv_owner"] = kv_owner
+        d["kv_span"] = kv_span
+        d["mask"] = mask
+
     @property
     def work(self) -> Fraction:
         """Score-matrix entries computed, as a fraction of one shard-by-shard block."""
-        area = self.q_span.fraction * self.kv_span.fraction
-        return area / 2 if self.mask is Mask.CAUSAL else area
+        qa, qb, qn = self.q_span
+        ka, kb, kn = self.kv_span
+        return Fraction((qb - qa) * (kb - ka), qn * kn * (2 if self.mask is Mask.CAUSAL else 1))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Transfer:
     """One message: ``src`` sends ``span`` of ``owner``'s ``payload`` to ``dst``."""
 
@@ -172,6 +245,14 @@ class Transfer:
     payload: Payload
     owner: int
     span: Span
+
+    def __init__(self, src: int, dst: int, payload: Payload, owner: int, span: Span) -> None:
+        d = self.__dict__
+        d["src"] = src
+        d["dst"] = dst
+        d["payload"] = payload
+        d["owner"] = owner
+        d["span"] = span
 
 
 @dataclass(frozen=True)
@@ -266,9 +347,10 @@ class Plan:
     @property
     def granularity(self) -> int:
         """The fewest equal pieces every shard must split into for all of this plan's spans to be whole."""
-        spans = [s for step in self.steps for b in step.blocks for s in (b.q_span, b.kv_span)]
-        spans += [t.span for step in self.steps for t in step.transfers]
-        return math.lcm(1, *(s.denominator for s in spans))
+        of = {b.q_span[2] for step in self.steps for b in step.blocks}
+        of.update(b.kv_span[2] for step in self.steps for b in step.blocks)
+        of.update(t.span[2] for step in self.steps for t in step.transfers)
+        return math.lcm(1, *of)
 
     def transfers(self) -> Iterator[tuple[int, Transfer]]:
         for step in self.steps:
@@ -309,7 +391,7 @@ class Plan:
 
     def to_json(self, shape: ProblemShape | None = None) -> dict:
         def span(s: Span) -> list[str]:
-            return [str(s.start), str(s.stop)]
+            return [_ratio(s[0], s[2]), _ratio(s[1], s[2])]
 
         steps = []
         for step in self.steps:

@@ -18,6 +18,8 @@ import functools
 import math
 from collections import Counter, defaultdict
 
+import numpy as np
+
 from .interfaces import Mask
 from .layout import rank_chunks
 from .masks import TokenMask, full_sequence_mask
@@ -293,35 +295,32 @@ def work_per_rank(plan: Plan) -> list[list[float]]:
 _ATOMS_UP_TO = 128  # plans with at most this many atoms in all are proven pair by pair (`_check_atoms`)
 
 
-def _span_grid(plan: Plan) -> tuple[int, dict[int, tuple[int, int]]] | None:
-    """(atoms per rank, {id(span): (first atom, stop atom)}) when the span proof applies to ``plan``, else None."""
+def _span_grid(plan: Plan) -> tuple[int, dict[Span, tuple[int, int]]] | None:
+    """(atoms per rank, {span: (first atom, stop atom)}) when the span proof applies to ``plan``, else None."""
     if plan.tokens is not None or getattr(plan, "replicated_queries", False):
         return None
     n = plan.world_size
     chunks = [rank_chunks(plan.layout, r, n) for r in range(n)]
     if any(list(c) != sorted(c) or len(c) != len(chunks[0]) for c in chunks):
         return None
-    spans: dict[int, Span] = {}
+    spans: set[Span] = set()
+    none, causal = Mask.NONE, Mask.CAUSAL
     for step in plan.steps:
         for b in step.blocks:
-            if b.mask is not Mask.NONE and not (
-                b.mask is Mask.CAUSAL and b.rank == b.q_owner == b.kv_owner
-                and (b.q_span is b.kv_span or b.q_span == b.kv_span)
+            q_span, kv_span = b.q_span, b.kv_span
+            if b.mask is not none and not (
+                b.mask is causal and b.rank == b.q_owner == b.kv_owner and q_span == kv_span
             ):
                 return None  # token masks, or a causal block the atom proof must judge
-            spans[id(b.q_span)] = b.q_span
-            spans[id(b.kv_span)] = b.kv_span
-        for t in step.transfers:
-            spans[id(t.span)] = t.span
-    per_rank = math.lcm(len(chunks[0]) if chunks else 1, *{s.denominator for s in spans.values()})
-    rows = {}
-    for key, s in spans.items():
-        rows[key] = (s.start.numerator * (per_rank // s.start.denominator),
-                     s.stop.numerator * (per_rank // s.stop.denominator))
+            spans.add(q_span)
+            spans.add(kv_span)
+        spans.update([t.span for t in step.transfers])
+    per_rank = math.lcm(len(chunks[0]) if chunks else 1, *{s[2] for s in spans})
+    rows = {s: (s[0] * (per_rank // s[2]), s[1] * (per_rank // s[2])) for s in spans}
     return per_rank, rows
 
 
-def _check_spans(plan: Plan, per_rank: int, rows: dict[int, tuple[int, int]]) -> None:
+def _check_spans(plan: Plan, per_rank: int, rows: dict[Span, tuple[int, int]]) -> None:
     """`check_plan` on rectangles of rows instead of pairs of atoms (see above); the same errors, the same order."""
     n = plan.world_size
     query, result = _QUERY[plan.backward], _RESULT[plan.backward]
@@ -343,6 +342,7 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[int, tuple[int, int]]) ->
     covered_kv: list[dict[int, list]] = [defaultdict(list) for _ in range(n)]  # [kv owner][q owner]
     world = range(n)
     causal_mask = Mask.CAUSAL
+    key_value = Payload.KEY_VALUE
 
     for position, step in enumerate(plan.steps):
         where = f"step {step.index}"
@@ -351,13 +351,13 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[int, tuple[int, int]]) ->
         for b in step.blocks:
             if b.rank not in world or b.q_owner not in world or b.kv_owner not in world:
                 raise PlanError(f"{where}: block outside the world: {b}")
-        arriving: list[tuple[Transfer, list | None]] = []
+        arriving: list[tuple[Transfer, object]] = []  # with its shapes, dK/dV group or rows
         for t in step.transfers:
             if t.src not in world or t.dst not in world or t.owner not in world:
                 raise PlanError(f"{where}: transfer outside the world: {t}")
             if t.src == t.dst:
                 raise PlanError(f"{where}: rank {t.src} sends to itself")
-            a, b = rows[id(t.span)]
+            a, b = rows[t.span]
             if t.payload is result:
                 mine = pending[t.src].get(t.owner) or {}
                 carried = [key for key in mine if a <= key[0] and key[1] <= b]
@@ -373,6 +373,12 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[int, tuple[int, int]]) ->
                 # Held sums are groups (first key row, stop key row, node): a group inside the message's rows
                 # moves whole, one outside it stays, and only one across its edge is opened and cut.
                 sums = travelling_kv[t.src].get(t.owner)
+                if sums is not None and sums[0][0] >= a and all(g[1] <= b for g in sums[1]):
+                    # The common case: every group held for this owner lies in the message's rows and moves.
+                    groups = sums[1]
+                    del travelling_kv[t.src][t.owner]
+                    arriving.append((t, (sums[0][0], max([g[1] for g in groups]), [g[2] for g in groups])))
+                    continue
                 inside, outside, cut_any = [], [], False
                 lo = hi = 0
                 if sums is not None:
@@ -407,20 +413,23 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[int, tuple[int, int]]) ->
                 else:
                     del travelling_kv[t.src][t.owner]
                 arriving.append((t, (min(g[0] for g in inside), max(g[1] for g in inside), [g[2] for g in inside])))
-            elif t.payload is query or t.payload is Payload.KEY_VALUE:
-                if not has(t.src, t.payload is Payload.KEY_VALUE, t.owner, a, b):
+            elif t.payload is query or t.payload is key_value:
+                src, owner = t.src, t.owner
+                is_kv = t.payload is key_value
+                if owner != src and (is_kv, owner, a, b) not in exact[src] and not any(
+                        pa <= a and b <= pb for pa, pb in held[src].get((is_kv, owner), ())):
                     raise PlanError(f"{where}: rank {t.src} sends {t.payload.value}[{t.owner}].{t.span} it does not hold")
-                arriving.append((t, None))
+                arriving.append((t, (is_kv, owner, a, b)))
             else:
                 pass_name = "backward" if backward else "forward"
                 raise PlanError(f"{where}: payload {t.payload.value} does not belong in a {pass_name} plan")
         for block in step.blocks:
             r, q_owner, kv_owner = block.rank, block.q_owner, block.kv_owner
-            qa, qb = rows[id(block.q_span)]
-            ka, kb = rows[id(block.kv_span)]
-            if q_owner != r and not has(r, False, q_owner, qa, qb):
+            qa, qb = rows[block.q_span]
+            ka, kb = rows[block.kv_span]
+            if q_owner != r and (False, q_owner, qa, qb) not in exact[r] and not has(r, False, q_owner, qa, qb):
                 raise PlanError(f"{where}: rank {r} computes with {query.value}[{q_owner}].{block.q_span} it does not hold")
-            if kv_owner != r and not has(r, True, kv_owner, ka, kb):
+            if kv_owner != r and (True, kv_owner, ka, kb) not in exact[r] and not has(r, True, kv_owner, ka, kb):
                 raise PlanError(f"{where}: rank {r} computes with {Payload.KEY_VALUE.value}[{kv_owner}]"
                                 f".{block.kv_span} it does not hold")
             tri = block.mask is causal_mask
@@ -453,11 +462,14 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[int, tuple[int, int]]) ->
                         mine[shape[0]].append(shape)
                 else:
                     _hold(travelling_kv[t.dst], t.owner, shapes)
-            else:
-                is_kv = t.payload is Payload.KEY_VALUE
-                got = rows[id(t.span)]
-                held[t.dst].setdefault((is_kv, t.owner), []).append(got)
-                exact[t.dst].add((is_kv, t.owner) + got)
+            else:  # shapes: (is_kv, owner, first row, stop row) of what arrives
+                key = shapes[:2]
+                got = held[t.dst].get(key)
+                if got is None:
+                    held[t.dst][key] = [shapes[2:]]
+                else:
+                    got.append(shapes[2:])
+                exact[t.dst].add(shapes)
 
     for r in range(n):
         if pending[r]:
@@ -482,9 +494,13 @@ def _hold(held: dict[int, tuple[list, list, int]], owner: int, group: tuple) -> 
         held[owner] = ([group[0]], [group], group[1] - group[0])
         return
     keys, groups, longest = sums
-    at = bisect.bisect_right(keys, group[0])
-    keys.insert(at, group[0])
-    groups.insert(at, group)
+    if group[0] >= keys[-1]:  # the common case: in order
+        keys.append(group[0])
+        groups.append(group)
+    else:
+        at = bisect.bisect_right(keys, group[0])
+        keys.insert(at, group[0])
+        groups.insert(at, group)
     if group[1] - group[0] > longest:
         held[owner] = (keys, groups, group[1] - group[0])
 
@@ -516,15 +532,20 @@ class _VisibleRows:
         self.per_rank = per_rank
         self.causal = plan.causal
         self.chunks = [rank_chunks(plan.layout, r, n) for r in range(n)]
+        self._array = np.asarray(self.chunks, dtype=np.int64)  # (n, k)
         self._memo: dict[tuple[int, ...], list[tuple[int, int, int]]] = {}
 
     def __call__(self, j: int, r: int) -> list[tuple[int, int, int]]:
         size = self.per_rank
         if not self.causal:
             return [(0, size, size)]
-        before = tuple(bisect.bisect_left(self.chunks[r], c) for c in self.chunks[j])
+        return self._rows(tuple(bisect.bisect_left(self.chunks[r], c) for c in self.chunks[j]))
+
+    def _rows(self, before: tuple[int, ...]) -> list[tuple[int, int, int]]:
+        """The visible rows when the key owner has ``before[c]`` chunks before the query owner's chunk c."""
         got = self._memo.get(before)
         if got is None:
+            size = self.per_rank
             per_chunk = size // len(before)
             got = []
             for a, count in enumerate(before):
@@ -536,19 +557,39 @@ class _VisibleRows:
             self._memo[before] = got
         return got
 
+    def against(self, owner: int, queries: bool) -> list[list[tuple[int, int, int]]]:
+        """``self(owner, r)`` for every r (``queries``), else ``self(j, owner)`` for every j: one numpy pass."""
+        n = len(self.chunks)
+        if not self.causal:
+            return [[(0, self.per_rank, self.per_rank)]] * n
+        chunks = self._array  # every rank has k sorted chunks (`_span_grid`)
+        k = chunks.shape[1]
+        if queries:  # before[r, c]: chunks of r before the owner's chunk c
+            before = (chunks[:, None, :] < chunks[owner][None, :, None]).sum(-1)
+        else:        # before[j, c]: chunks of the owner before j's chunk c
+            before = (chunks[owner][None, None, :] < chunks[:, :, None]).sum(-1)
+        codes = (before @ ((k + 1) ** np.arange(k, dtype=np.int64))).tolist()
+        found: dict[int, list[tuple[int, int, int]]] = {}
+        for at, code in enumerate(codes):
+            if code not in found:
+                found[code] = self._rows(tuple(before[at].tolist()))
+        return [found[code] for code in codes]
+
 
 def _check_tiling(visible: _VisibleRows, covered: list[dict[int, list]], what: str, causal: bool) -> None:
     """Every (query owner, key owner) pair's shapes, as received by ``covered``'s owners, tile what it may see once."""
     n = len(covered)
+    queries = what == "query"
     for owner in range(n):
         received = covered[owner]
+        wants = visible.against(owner, queries)
         for other in range(n):
-            j, r = (owner, other) if what == "query" else (other, owner)
+            j, r = (owner, other) if queries else (other, owner)
             shapes = received.get(other, ())
             if j == r:
                 ok = _tiles_diagonal(shapes, visible.per_rank, causal)
             else:
-                want = visible(j, r)
+                want = wants[other]
                 if len(shapes) == 1 and len(want) == 1:  # the common case: one block, one visible rectangle
                     _, qa, qb, ka, kb, tri = shapes[0]
                     ok = not tri and ka == 0 and (qa, qb, kb) == want[0]

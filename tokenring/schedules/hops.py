@@ -8,7 +8,7 @@ a travelling tensor that some later holder still needs.
 from __future__ import annotations
 
 import dataclasses
-from fractions import Fraction
+from collections import Counter
 
 from ..interfaces import Mask
 from ..layout import Layout
@@ -37,26 +37,11 @@ def visibility(layout: Layout, causal: bool):
     return visible
 
 
-class SpanHull:
-    """``Span.hull`` remembered per pair of span objects: a walk asks it for the same few spans again and again.
-
-    Equal hulls come back as one object, so that the memo (keyed by the
-    objects, which it keeps alive) stays as small as the set of values.
-    """
-
-    def __init__(self) -> None:
-        self._memo: dict[tuple[int, int], tuple[Span, Span, Span]] = {}
-        self._values: dict[tuple, Span] = {}
-
-    def __call__(self, span: Span, other: Span | None) -> Span:
-        if other is None or other is span:
-            return span
-        key = (id(span), id(other))
-        hit = self._memo.get(key)
-        if hit is None:
-            value = span.hull(other)
-            hit = self._memo[key] = (span, other, self._values.setdefault((value.start, value.stop), value))
-        return hit[2]
+def hull(span: Span, other: Span | None) -> Span:
+    """``span.hull(other)``, with the walks' common cases first: nothing yet, or the same span."""
+    if other is None or other == span:
+        return span
+    return span.hull(other)
 
 
 def _walk(moves_queries: bool, layout: Layout, causal: bool, n: int, direction: int):
@@ -66,20 +51,23 @@ def _walk(moves_queries: bool, layout: Layout, causal: bool, n: int, direction: 
     running hull from the last hop backwards: O(N^2) in all.
     """
     visible = visibility(layout, causal)
-    hull = SpanHull()
+    same, later, earlier = visible(0, 0), visible(1, 0), visible(0, 1)
+    if not moves_queries:  # the holder's queries against the owner's keys: the roles swap
+        later, earlier = earlier, later
+    travelling = 0 if moves_queries else 1
     seen: list[list] = []
     needed: list[list[Span | None]] = []
     for owner in range(n):
-        row = []
-        for hops in range(n):
-            rank = (owner + hops * direction) % n
-            row.append(visible(owner, rank) if moves_queries else visible(rank, owner))
+        # The rank at each hop, and whether the owner's queries come after (later) or before its keys there.
+        row = [same if rank == owner else (later if owner > rank else earlier)
+               for rank in ((owner + hops * direction) % n for hops in range(n))]
         running: Span | None = None
         still: list[Span | None] = [None] * (n + 1)
         for hops in range(n - 1, -1, -1):
             v = row[hops]
             if v is not None:
-                running = hull(v[0] if moves_queries else v[1], running)
+                span = v[travelling]
+                running = span if running is None or running == span else span.hull(running)
             still[hops] = running
         seen.append(row)
         needed.append(still)
@@ -100,30 +88,39 @@ def one_hop_steps(moves_queries: bool, layout: Layout, causal: bool, n: int, dir
 
 def _steps(moves_queries: bool, n: int, direction: int, seen: list[list], needed: list[list[Span | None]]) -> tuple[Step, ...]:
     payload = Payload.QUERY if moves_queries else Payload.KEY_VALUE
+    partial = Payload.PARTIAL
     n_steps = n + 1 if moves_queries and n > 1 else n
     steps = []
     for index in range(n_steps):
         blocks: list[Block] = []
         transfers: list[Transfer] = []
+        add_block, add_transfer = blocks.append, transfers.append
         if index < n:
             shift = index * direction
             for rank in range(n):  # each rank holds one owner's tensor per step: blocks come in rank order
                 owner = (rank - shift) % n
                 v = seen[owner][index]
                 if v is not None:
-                    q_owner, kv_owner = (owner, rank) if moves_queries else (rank, owner)
-                    blocks.append(Block(rank, q_owner, v[0], kv_owner, v[1], v[2]))
-        for owner in range(n):
-            if index < n - 1:
-                span = needed[owner][index + 1]
-                if span is not None:
-                    here = (owner + index * direction) % n
-                    transfers.append(Transfer(here, (here + direction) % n, payload, owner, span))
-            if moves_queries and index >= 2:
-                previous = seen[owner][index - 1]
-                if previous is not None:
-                    rank = (owner + (index - 1) * direction) % n
-                    transfers.append(Transfer(rank, owner, Payload.PARTIAL, owner, previous[0]))
+                    if moves_queries:
+                        add_block(Block(rank, owner, v[0], rank, v[1], v[2]))
+                    else:
+                        add_block(Block(rank, rank, v[0], owner, v[1], v[2]))
+        sends = index < n - 1
+        results = moves_queries and index >= 2
+        if sends or results:
+            here = (index * direction) % n        # where owner 0's tensor is at this step
+            before = ((index - 1) * direction) % n  # and where it was one step earlier
+            for owner in range(n):
+                if sends:
+                    span = needed[owner][index + 1]
+                    if span is not None:
+                        add_transfer(Transfer(here, (here + direction) % n, payload, owner, span))
+                if results:
+                    previous = seen[owner][index - 1]
+                    if previous is not None:
+                        add_transfer(Transfer(before, owner, partial, owner, previous[0]))
+                here = here + 1 if here < n - 1 else 0
+                before = before + 1 if before < n - 1 else 0
         steps.append(Step(index, tuple(blocks), tuple(transfers)))
     return tuple(steps)
 
@@ -135,29 +132,22 @@ def total_bytes(steps: tuple[Step, ...]) -> int:
 def _walk_bytes(moves_queries: bool, n: int, seen: list[list], needed: list[list[Span | None]]) -> int:
     """``total_bytes`` of the steps ``_steps`` would build from this walk, without building them."""
     payload = Payload.QUERY if moves_queries else Payload.KEY_VALUE
-    sizes: dict[tuple[Payload, int], int] = {}
-    keep = []  # the spans whose ids key ``sizes``
+    sizes: dict[tuple[Payload, Span], int] = {}
 
     def size(p: Payload, span: Span) -> int:
-        key = (p, id(span))
-        got = sizes.get(key)
+        got = sizes.get((p, span))
         if got is None:
-            keep.append(span)
-            got = sizes[key] = NOMINAL_SHAPE.payload_bytes(p, span)
+            got = sizes[(p, span)] = NOMINAL_SHAPE.payload_bytes(p, span)
         return got
 
-    total = 0
+    sent: Counter = Counter()  # travelling spans sent, and the query spans whose partials go home
+    results: Counter = Counter()
     for owner in range(n):
-        for index in range(n - 1):
-            span = needed[owner][index + 1]
-            if span is not None:
-                total += size(payload, span)
-        if moves_queries and n > 1:
-            for hops in range(1, n):  # partials of the blocks at hops 1..n-1 go home at step hops + 1
-                v = seen[owner][hops]
-                if v is not None:
-                    total += size(Payload.PARTIAL, v[0])
-    return total
+        sent.update(needed[owner][1:n])  # transfers at steps 0..n-2 carry needed[1..n-1]
+        if moves_queries and n > 1:  # partials of the blocks at hops 1..n-1 go home at step hops + 1
+            results.update(v[0] for v in seen[owner][1:n] if v is not None)
+    total = sum(count * size(payload, span) for span, count in sent.items() if span is not None)
+    return total + sum(count * size(Payload.PARTIAL, span) for span, count in results.items())
 
 
 def cheaper_direction(moves_queries: bool, layout: Layout, causal: bool, n: int) -> tuple[int, tuple[Step, ...]]:
@@ -177,8 +167,9 @@ def direction_note(direction: int, what: str) -> str:
 
 def _split_rows(span: Span, pieces: int) -> list[Span]:
     """``span`` cut into ``pieces`` equal runs of rows, in order."""
-    edges = [span.start + span.fraction * Fraction(i, pieces) for i in range(pieces + 1)]
-    return [Span(a, b) for a, b in zip(edges, edges[1:])]
+    start, stop, of = span
+    edges = [start * pieces + (stop - start) * i for i in range(pieces + 1)]
+    return [Span(a, b, of * pieces) for a, b in zip(edges, edges[1:])]
 
 
 def _own_block_halves(b: Block) -> tuple[list[Block], list[Block]] | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..layout import Layout
 from ..plan import ALL, Block, Payload, Span, Step, Transfer
-from .hops import SpanHull, visibility
+from .hops import hull, visibility
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,11 @@ def two_way_routes(n: int) -> list[Route]:
 def route_steps(moves_queries: bool, layout: Layout, causal: bool, n: int, routes: list[Route]) -> tuple[Step, ...]:
     payload = Payload.QUERY if moves_queries else Payload.KEY_VALUE
     visible = visibility(layout, causal)
-    hull = SpanHull()
-    pieces: dict[tuple[int, int], Span | None] = {}  # (id of a visible span, route) -> its part in the route's piece
-    keep = []  # the visible spans whose ids key ``pieces``
+    pieces: dict[tuple[Span, int], Span | None] = {}  # (a visible span, route) -> its part in the route's piece
 
     def piece_of(span: Span, at: int) -> Span | None:
-        key = (id(span), at)
+        key = (span, at)
         if key not in pieces:
-            keep.append(span)
             pieces[key] = span.intersection(routes[at].piece)
         return pieces[key]
 
