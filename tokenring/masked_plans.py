@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from .interfaces import Mask
-from .masks import TokenMask, visibility, visible_rectangles
+from .masks import TokenMask, visible_rectangles
 from .plan import Block, Payload, Plan, Span, Step, Transfer
 from .plancheck import PlanError
 
@@ -140,27 +142,65 @@ def check_masked_plan(plan: Plan) -> None:
     if tokens is None:
         raise ValueError("check_masked_plan needs a masked plan")
     q_length, kv_length = tokens.rows_per_rank, tokens.kv_rows_per_rank
+    found = [(step.index, b, b.q_span.row_range(q_length), b.kv_span.row_range(kv_length))
+             for step in plan.steps for b in step.blocks]
+    entries, full = _visible_entries(tokens, [(b.q_owner, q_rows, b.kv_owner, kv_rows) for _, b, q_rows, kv_rows in found])
     rectangles: dict[tuple[int, int], list[tuple[tuple[int, int], tuple[int, int]]]] = {}
     counted: dict[tuple[int, int], int] = {}
-    for step in plan.steps:
-        for b in step.blocks:
-            q_rows, kv_rows = b.q_span.row_range(q_length), b.kv_span.row_range(kv_length)
-            key = (b.q_owner, b.kv_owner)
-            seen = visibility(tokens, b.q_owner, q_rows, b.kv_owner, kv_rows)
-            if b.mask is Mask.NONE and not seen.full:
-                raise PlanError(f"step {step.index}: unmasked block hides masked pairs: {b}")
-            for other_q, other_kv in rectangles.get(key, ()):
-                if _overlap(q_rows, other_q) and _overlap(kv_rows, other_kv):
-                    raise PlanError(f"step {step.index}: block {b} overlaps another block of the same owners")
-            rectangles.setdefault(key, []).append((q_rows, kv_rows))
-            counted[key] = counted.get(key, 0) + seen.entries
-    for q_owner in range(tokens.world_size):
-        for kv_owner in range(tokens.world_size):
-            required = visibility(tokens, q_owner, (0, q_length), kv_owner, (0, kv_length)).entries
-            got = counted.get((q_owner, kv_owner), 0)
-            if got != required:
-                raise PlanError(f"queries of rank {q_owner} x keys of rank {kv_owner}: the plan computes "
-                                f"{got} visible pairs, the mask has {required}")
+    for (index, b, q_rows, kv_rows), seen, whole in zip(found, entries, full):
+        key = (b.q_owner, b.kv_owner)
+        if b.mask is Mask.NONE and not whole:
+            raise PlanError(f"step {index}: unmasked block hides masked pairs: {b}")
+        for other_q, other_kv in rectangles.get(key, ()):
+            if _overlap(q_rows, other_q) and _overlap(kv_rows, other_kv):
+                raise PlanError(f"step {index}: block {b} overlaps another block of the same owners")
+        rectangles.setdefault(key, []).append((q_rows, kv_rows))
+        counted[key] = counted.get(key, 0) + seen
+    owners = [(q_owner, kv_owner) for q_owner in range(tokens.world_size) for kv_owner in range(tokens.world_size)]
+    required, _ = _visible_entries(tokens, [(q_owner, (0, q_length), kv_owner, (0, kv_length))
+                                            for q_owner, kv_owner in owners])
+    for (q_owner, kv_owner), want in zip(owners, required):
+        got = counted.get((q_owner, kv_owner), 0)
+        if got != want:
+            raise PlanError(f"queries of rank {q_owner} x keys of rank {kv_owner}: the plan computes "
+                            f"{got} visible pairs, the mask has {want}")
+
+
+def _visible_entries(tokens: TokenMask, rectangles: list[tuple[int, tuple[int, int], int, tuple[int, int]]]
+                     ) -> tuple[list[int], list[bool]]:
+    """`masks.visibility`'s (entries, full) of each (q owner, q rows, kv owner, kv rows), a few numpy calls per
+    pair of owners instead of per rectangle.
+
+    Each query row's visible keys are one run of the key owner's rows, [first, stop) found once over the whole
+    shard; within key rows [k0, k1) the row sees ``clip(stop) - clip(first)`` of them, as `TokenMask.visible_counts`
+    counts on the slice.
+    """
+    by_pair: dict[tuple[int, int], list[int]] = {}
+    for at, (q_owner, _, kv_owner, _) in enumerate(rectangles):
+        by_pair.setdefault((q_owner, kv_owner), []).append(at)
+    entries = [0] * len(rectangles)
+    full = [False] * len(rectangles)
+    for (q_owner, kv_owner), ats in by_pair.items():
+        low, high = tokens.limits(q_owner)
+        keys = tokens.kv_positions(kv_owner)
+        first = np.searchsorted(keys, low, side="left")
+        stop = np.searchsorted(keys, high, side="right")
+        q0 = np.array([rectangles[at][1][0] for at in ats], dtype=np.int64)
+        q1 = np.array([rectangles[at][1][1] for at in ats], dtype=np.int64)
+        k0 = np.array([rectangles[at][3][0] for at in ats], dtype=np.int64)
+        k1 = np.array([rectangles[at][3][1] for at in ats], dtype=np.int64)
+        lengths = q1 - q0
+        offsets = np.cumsum(lengths) - lengths
+        rows = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(offsets - q0, lengths)
+        a, b = np.repeat(k0, lengths), np.repeat(k1, lengths)
+        count = np.maximum(np.clip(stop[rows], a, b) - np.clip(first[rows], a, b), 0)
+        running = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(count)])
+        sums = running[offsets + lengths] - running[offsets]
+        whole = sums == lengths * (k1 - k0)
+        for at, n_seen, is_full in zip(ats, sums.tolist(), whole.tolist()):
+            entries[at] = n_seen
+            full[at] = is_full
+    return entries, full
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:

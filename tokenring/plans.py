@@ -9,6 +9,8 @@ same pluggy hook a third-party plugin uses (see `tokenring.hookspecs`).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
 
 from .backward import derive_backward
@@ -37,6 +39,31 @@ def parse_algorithm(algorithm: str) -> str:
 
 _plans: dict[tuple, Plan] = {}
 _plans_lock = threading.Lock()
+_paused = 0  # how many threads are building with the cyclic garbage collector paused
+_paused_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Building and proving a plan allocates millions of acyclic objects at large N (a ring plan at N = 1024
+    holds two million blocks and messages); the cyclic collector would scan them again and again, for nothing
+    it could free. Paused while any thread builds, restored after the last."""
+    global _paused
+    with _paused_lock:
+        if _paused == 0:
+            _paused_was_enabled[0] = gc.isenabled()
+            gc.disable()
+        _paused += 1
+    try:
+        yield
+    finally:
+        with _paused_lock:
+            _paused -= 1
+            if _paused == 0 and _paused_was_enabled[0]:
+                gc.enable()
+
+
+_paused_was_enabled = [True]
 
 
 def build_plan(algorithm: str, layout: "Layout | str", causal: bool, world_size: int, backward: bool = False) -> Plan:
@@ -54,22 +81,22 @@ def build_plan(algorithm: str, layout: "Layout | str", causal: bool, world_size:
         plan = _plans.get(key)
     if plan is not None:
         return plan
-    if backward:
-        plan = derive_backward(build_plan(schedule.name, layout, causal, world_size))
-    else:
-        plan = schedule.build(layout, bool(causal), world_size)
-        if not isinstance(plan, Plan) or (plan.algorithm, plan.layout, plan.causal, plan.world_size, plan.backward) != (
-            schedule.name, layout, bool(causal), world_size, False
-        ):
-            raise PlanError(
-                f"schedule {schedule.name!r} built a plan for something else than "
-                f"({schedule.name!r}, {layout.value!r}, causal={bool(causal)}, N={world_size}, forward)"
-            )
-    try:
-        check_plan(plan)
-    except PlanError as error:
-        raise PlanError(f"schedule {schedule.name!r} ({layout.value}, causal={bool(causal)}, N={world_size}"
-                        f"{', backward' if backward else ''}) is not exact: {error}") from None
+    with _collector_paused():
+        if backward:
+            plan = derive_backward(build_plan(schedule.name, layout, causal, world_size))
+        else:
+            plan = schedule.build(layout, bool(causal), world_size)
+            if not isinstance(plan, Plan) or (plan.algorithm, plan.layout, plan.causal, plan.world_size,
+                                              plan.backward) != (schedule.name, layout, bool(causal), world_size, False):
+                raise PlanError(
+                    f"schedule {schedule.name!r} built a plan for something else than "
+                    f"({schedule.name!r}, {layout.value!r}, causal={bool(causal)}, N={world_size}, forward)"
+                )
+        try:
+            check_plan(plan)
+        except PlanError as error:
+            raise PlanError(f"schedule {schedule.name!r} ({layout.value}, causal={bool(causal)}, N={world_size}"
+                            f"{', backward' if backward else ''}) is not exact: {error}") from None
     return _remember(key, plan)
 
 
@@ -82,15 +109,17 @@ def build_masked_plan(algorithm: str, tokens: "TokenMask", backward: bool = Fals
     if plan is not None:
         return plan
     if backward:
-        plan = derive_backward(build_masked_plan(algorithm, tokens))
+        with _collector_paused():
+            plan = derive_backward(build_masked_plan(algorithm, tokens))
     else:
         full = build_plan(algorithm, Layout.CONTIGUOUS, False, tokens.world_size)
-        plan = mask_plan(full, tokens)
-        try:
-            check_masked_plan(plan)
-        except PlanError as error:
-            raise PlanError(f"schedule {algorithm!r} under the mask ({tokens.describe()}) is not exact: "
-                            f"{error}") from None
+        with _collector_paused():
+            plan = mask_plan(full, tokens)
+            try:
+                check_masked_plan(plan)
+            except PlanError as error:
+                raise PlanError(f"schedule {algorithm!r} under the mask ({tokens.describe()}) is not exact: "
+                                f"{error}") from None
     return _remember(key, plan)
 
 
