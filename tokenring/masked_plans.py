@@ -59,8 +59,9 @@ def _masked_blocks(block: Block, tokens: TokenMask) -> list[Block]:
                 merged[-1] = (q_rows, (last_kv[0], kv_rows[1]), True)
                 continue
         merged.append((q_rows, kv_rows, full))
-    return [dataclasses.replace(block, q_span=_span(q_rows, q_length), kv_span=_span(kv_rows, kv_length),
-                                mask=Mask.NONE if full else Mask.TOKENS)
+    rank, q_owner, kv_owner = block.rank, block.q_owner, block.kv_owner
+    return [Block(rank, q_owner, _span(q_rows, q_length), kv_owner, _span(kv_rows, kv_length),
+                  Mask.NONE if full else Mask.TOKENS)
             for q_rows, kv_rows, full in merged]
 
 
@@ -144,7 +145,9 @@ def check_masked_plan(plan: Plan) -> None:
     q_length, kv_length = tokens.rows_per_rank, tokens.kv_rows_per_rank
     found = [(step.index, b, b.q_span.row_range(q_length), b.kv_span.row_range(kv_length))
              for step in plan.steps for b in step.blocks]
-    entries, full = _visible_entries(tokens, [(b.q_owner, q_rows, b.kv_owner, kv_rows) for _, b, q_rows, kv_rows in found])
+    runs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # per pair of owners, for both counts below
+    entries, full = _visible_entries(tokens, [(b.q_owner, q_rows, b.kv_owner, kv_rows)
+                                              for _, b, q_rows, kv_rows in found], runs)
     rectangles: dict[tuple[int, int], list[tuple[tuple[int, int], tuple[int, int]]]] = {}
     counted: dict[tuple[int, int], int] = {}
     for (index, b, q_rows, kv_rows), seen, whole in zip(found, entries, full):
@@ -158,7 +161,7 @@ def check_masked_plan(plan: Plan) -> None:
         counted[key] = counted.get(key, 0) + seen
     owners = [(q_owner, kv_owner) for q_owner in range(tokens.world_size) for kv_owner in range(tokens.world_size)]
     required, _ = _visible_entries(tokens, [(q_owner, (0, q_length), kv_owner, (0, kv_length))
-                                            for q_owner, kv_owner in owners])
+                                            for q_owner, kv_owner in owners], runs)
     for (q_owner, kv_owner), want in zip(owners, required):
         got = counted.get((q_owner, kv_owner), 0)
         if got != want:
@@ -166,14 +169,14 @@ def check_masked_plan(plan: Plan) -> None:
                             f"{got} visible pairs, the mask has {want}")
 
 
-def _visible_entries(tokens: TokenMask, rectangles: list[tuple[int, tuple[int, int], int, tuple[int, int]]]
-                     ) -> tuple[list[int], list[bool]]:
+def _visible_entries(tokens: TokenMask, rectangles: list[tuple[int, tuple[int, int], int, tuple[int, int]]],
+                     runs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]) -> tuple[list[int], list[bool]]:
     """`masks.visibility`'s (entries, full) of each (q owner, q rows, kv owner, kv rows), a few numpy calls per
     pair of owners instead of per rectangle.
 
     Each query row's visible keys are one run of the key owner's rows, [first, stop) found once over the whole
     shard; within key rows [k0, k1) the row sees ``clip(stop) - clip(first)`` of them, as `TokenMask.visible_counts`
-    counts on the slice.
+    counts on the slice. ``runs`` keeps those per pair of owners between calls.
     """
     by_pair: dict[tuple[int, int], list[int]] = {}
     for at, (q_owner, _, kv_owner, _) in enumerate(rectangles):
@@ -181,10 +184,13 @@ def _visible_entries(tokens: TokenMask, rectangles: list[tuple[int, tuple[int, i
     entries = [0] * len(rectangles)
     full = [False] * len(rectangles)
     for (q_owner, kv_owner), ats in by_pair.items():
-        low, high = tokens.limits(q_owner)
-        keys = tokens.kv_positions(kv_owner)
-        first = np.searchsorted(keys, low, side="left")
-        stop = np.searchsorted(keys, high, side="right")
+        got = runs.get((q_owner, kv_owner))
+        if got is None:
+            low, high = tokens.limits(q_owner)
+            keys = tokens.kv_positions(kv_owner)
+            got = runs[(q_owner, kv_owner)] = (np.searchsorted(keys, low, side="left"),
+                                                np.searchsorted(keys, high, side="right"))
+        first, stop = got
         q0 = np.array([rectangles[at][1][0] for at in ats], dtype=np.int64)
         q1 = np.array([rectangles[at][1][1] for at in ats], dtype=np.int64)
         k0 = np.array([rectangles[at][3][0] for at in ats], dtype=np.int64)
