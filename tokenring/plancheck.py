@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import operator
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -320,6 +321,10 @@ def _span_grid(plan: Plan) -> tuple[int, dict[Span, tuple[int, int]]] | None:
     return per_rank, rows
 
 
+_rank, _q_owner, _kv_owner = operator.attrgetter("rank"), operator.attrgetter("q_owner"), operator.attrgetter("kv_owner")
+_src, _dst, _owner = operator.attrgetter("src"), operator.attrgetter("dst"), operator.attrgetter("owner")
+
+
 def _check_spans(plan: Plan, per_rank: int, rows: dict[Span, tuple[int, int]]) -> None:
     """`check_plan` on rectangles of rows instead of pairs of atoms (see above); the same errors, the same order."""
     n = plan.world_size
@@ -341,44 +346,63 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[Span, tuple[int, int]]) -
     covered_q: list[dict[int, list]] = [defaultdict(list) for _ in range(n)]   # [q owner][kv owner]
     covered_kv: list[dict[int, list]] = [defaultdict(list) for _ in range(n)]  # [kv owner][q owner]
     world = range(n)
+    world_set = set(world)
     causal_mask = Mask.CAUSAL
-    key_value = Payload.KEY_VALUE
+    key_value, grad_key_value = Payload.KEY_VALUE, Payload.GRAD_KEY_VALUE
 
     for position, step in enumerate(plan.steps):
         where = f"step {step.index}"
         if step.index != position:
             raise PlanError(f"{where} stands at position {position}: steps must be numbered 0, 1, 2, ... in order")
-        for b in step.blocks:
-            if b.rank not in world or b.q_owner not in world or b.kv_owner not in world:
-                raise PlanError(f"{where}: block outside the world: {b}")
+        blocks, transfers = step.blocks, step.transfers
+        # Every rank named in the world: asked of all at once first (in C), one by one only to name the first.
+        if not (world_set.issuperset(map(_rank, blocks)) and world_set.issuperset(map(_q_owner, blocks))
+                and world_set.issuperset(map(_kv_owner, blocks))):
+            for b in blocks:
+                if b.rank not in world or b.q_owner not in world or b.kv_owner not in world:
+                    raise PlanError(f"{where}: block outside the world: {b}")
+        in_world = (world_set.issuperset(map(_src, transfers)) and world_set.issuperset(map(_dst, transfers))
+                    and world_set.issuperset(map(_owner, transfers)))
         arriving: list[tuple[Transfer, object]] = []  # with its shapes, dK/dV group or rows
-        for t in step.transfers:
-            if t.src not in world or t.dst not in world or t.owner not in world:
+        add_arriving = arriving.append
+        for t in transfers:
+            src, dst, owner, payload = t.src, t.dst, t.owner, t.payload
+            if not in_world and (src not in world or dst not in world or owner not in world):
                 raise PlanError(f"{where}: transfer outside the world: {t}")
-            if t.src == t.dst:
+            if src == dst:
                 raise PlanError(f"{where}: rank {t.src} sends to itself")
             a, b = rows[t.span]
-            if t.payload is result:
-                mine = pending[t.src].get(t.owner) or {}
-                carried = [key for key in mine if a <= key[0] and key[1] <= b]
-                if not carried:
-                    raise PlanError(f"{where}: rank {t.src} sends a result for rank {t.owner}.{t.span} it does not hold: {t}")
-                waiting = [shape for key in carried for shape in mine.pop(key)]
+            if payload is result:
+                by_owner = pending[src]
+                mine = by_owner.get(owner) or {}
+                if len(mine) == 1:  # the common case: one run of rows waits for this owner
+                    key = next(iter(mine))
+                    if not (a <= key[0] and key[1] <= b):
+                        raise PlanError(f"{where}: rank {t.src} sends a result for rank {t.owner}.{t.span} it does "
+                                        f"not hold: {t}")
+                    waiting = mine.pop(key)
+                else:
+                    carried = [key for key in mine if a <= key[0] and key[1] <= b]
+                    if not carried:
+                        raise PlanError(f"{where}: rank {t.src} sends a result for rank {t.owner}.{t.span} it does "
+                                        f"not hold: {t}")
+                    waiting = [shape for key in carried for shape in mine.pop(key)]
                 if not mine:
-                    del pending[t.src][t.owner]
-                if t.dst != t.owner:
+                    del by_owner[owner]
+                if dst != owner:
                     raise PlanError(f"{where}: result for rank {t.owner} sent to rank {t.dst}")
-                arriving.append((t, waiting))
-            elif t.payload is Payload.GRAD_KEY_VALUE and backward:
+                add_arriving((t, waiting))
+            elif payload is grad_key_value and backward:
                 # Held sums are groups (first key row, stop key row, node): a group inside the message's rows
                 # moves whole, one outside it stays, and only one across its edge is opened and cut.
-                sums = travelling_kv[t.src].get(t.owner)
-                if sums is not None and sums[0][0] >= a and all(g[1] <= b for g in sums[1]):
-                    # The common case: every group held for this owner lies in the message's rows and moves.
+                sums = travelling_kv[src].get(owner)
+                if sums is not None and sums[0][0] >= a:
                     groups = sums[1]
-                    del travelling_kv[t.src][t.owner]
-                    arriving.append((t, (sums[0][0], max([g[1] for g in groups]), [g[2] for g in groups])))
-                    continue
+                    stop = max([g[1] for g in groups])
+                    if stop <= b:  # the common case: every group held for this owner lies in the rows and moves
+                        del travelling_kv[src][owner]
+                        add_arriving((t, (sums[0][0], stop, [g[2] for g in groups])))
+                        continue
                 inside, outside, cut_any = [], [], False
                 lo = hi = 0
                 if sums is not None:
@@ -413,13 +437,12 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[Span, tuple[int, int]]) -
                 else:
                     del travelling_kv[t.src][t.owner]
                 arriving.append((t, (min(g[0] for g in inside), max(g[1] for g in inside), [g[2] for g in inside])))
-            elif t.payload is query or t.payload is key_value:
-                src, owner = t.src, t.owner
-                is_kv = t.payload is key_value
+            elif payload is query or payload is key_value:
+                is_kv = payload is key_value
                 if owner != src and (is_kv, owner, a, b) not in exact[src] and not any(
                         pa <= a and b <= pb for pa, pb in held[src].get((is_kv, owner), ())):
                     raise PlanError(f"{where}: rank {t.src} sends {t.payload.value}[{t.owner}].{t.span} it does not hold")
-                arriving.append((t, (is_kv, owner, a, b)))
+                add_arriving((t, (is_kv, owner, a, b)))
             else:
                 pass_name = "backward" if backward else "forward"
                 raise PlanError(f"{where}: payload {t.payload.value} does not belong in a {pass_name} plan")
@@ -449,13 +472,20 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[Span, tuple[int, int]]) -
                 if kv_owner == r:
                     covered_kv[r][q_owner].append((q_owner, qa, qb, ka, kb, tri))
                 else:
-                    _hold(travelling_kv[r], kv_owner, (ka, kb, (q_owner, qa, qb, ka, kb, tri)))
+                    group = (ka, kb, (q_owner, qa, qb, ka, kb, tri))
+                    sums = travelling_kv[r].get(kv_owner)
+                    if sums is not None and ka >= sums[0][-1] and kb - ka <= sums[2]:  # `_hold`'s common case
+                        sums[0].append(ka)
+                        sums[1].append(group)
+                    else:
+                        _hold(travelling_kv[r], kv_owner, group)
         for t, shapes in arriving:
-            if t.payload is result:
+            payload = t.payload
+            if payload is result:
                 mine = covered_q[t.dst]
                 for shape in shapes:
                     mine[shape[0]].append(shape)
-            elif t.payload is Payload.GRAD_KEY_VALUE:
+            elif payload is grad_key_value:
                 if t.dst == t.owner:
                     mine = covered_kv[t.dst]
                     for shape in _shapes(shapes[2]):

@@ -218,11 +218,14 @@ def hide_tail(steps: tuple[Step, ...], pieces: int = 2, fill_with_own: bool = Tr
             if b in runs:
                 transfers[last + i + 1].append(Transfer(run.rank, run.q_owner, Payload.PARTIAL, run.q_owner, run.q_span))
     if fill_with_own and last > 0:
-        for b in list(blocks[0]):
+        first: list[Block] = []
+        for b in blocks[0]:
             halves = _own_block_halves(b) if b.rank == b.q_owner else None
-            if halves is not None:
-                at = blocks[0].index(b)
-                blocks[0][at:at + 1] = halves[0]
+            if halves is None:
+                first.append(b)
+            else:  # in its place, what stays; what moves goes to the final step
+                first += halves[0]
                 blocks[-1] += halves[1]
+        blocks[0] = first
     return tuple(Step(i, tuple(sorted(bs, key=lambda b: b.rank)), tuple(ts))
                  for i, (bs, ts) in enumerate(zip(blocks, transfers)))
