@@ -30,7 +30,7 @@ import dataclasses
 import numpy as np
 
 from .interfaces import Mask
-from .masks import TokenMask, visible_rectangles
+from .masks import TokenMask, visible_rectangles, visible_runs
 from .plan import Block, Payload, Plan, Span, Step, Transfer
 from .plancheck import PlanError
 
@@ -145,9 +145,8 @@ def check_masked_plan(plan: Plan) -> None:
     q_length, kv_length = tokens.rows_per_rank, tokens.kv_rows_per_rank
     found = [(step.index, b, b.q_span.row_range(q_length), b.kv_span.row_range(kv_length))
              for step in plan.steps for b in step.blocks]
-    runs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # per pair of owners, for both counts below
-    entries, full = _visible_entries(tokens, [(b.q_owner, q_rows, b.kv_owner, kv_rows)
-                                              for _, b, q_rows, kv_rows in found], runs)
+    entries, full, required = _count_visible(tokens, [(b.q_owner, b.kv_owner) + q_rows + kv_rows
+                                                      for _, b, q_rows, kv_rows in found])
     rectangles: dict[tuple[int, int], list[tuple[tuple[int, int], tuple[int, int]]]] = {}
     counted: dict[tuple[int, int], int] = {}
     for (index, b, q_rows, kv_rows), seen, whole in zip(found, entries, full):
@@ -159,54 +158,68 @@ def check_masked_plan(plan: Plan) -> None:
                 raise PlanError(f"step {index}: block {b} overlaps another block of the same owners")
         rectangles.setdefault(key, []).append((q_rows, kv_rows))
         counted[key] = counted.get(key, 0) + seen
-    owners = [(q_owner, kv_owner) for q_owner in range(tokens.world_size) for kv_owner in range(tokens.world_size)]
-    required, _ = _visible_entries(tokens, [(q_owner, (0, q_length), kv_owner, (0, kv_length))
-                                            for q_owner, kv_owner in owners], runs)
-    for (q_owner, kv_owner), want in zip(owners, required):
-        got = counted.get((q_owner, kv_owner), 0)
-        if got != want:
-            raise PlanError(f"queries of rank {q_owner} x keys of rank {kv_owner}: the plan computes "
-                            f"{got} visible pairs, the mask has {want}")
+    for q_owner in range(tokens.world_size):
+        for kv_owner in range(tokens.world_size):
+            want = required[(q_owner, kv_owner)]
+            got = counted.get((q_owner, kv_owner), 0)
+            if got != want:
+                raise PlanError(f"queries of rank {q_owner} x keys of rank {kv_owner}: the plan computes "
+                                f"{got} visible pairs, the mask has {want}")
 
 
-def _visible_entries(tokens: TokenMask, rectangles: list[tuple[int, tuple[int, int], int, tuple[int, int]]],
-                     runs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]) -> tuple[list[int], list[bool]]:
-    """`masks.visibility`'s (entries, full) of each (q owner, q rows, kv owner, kv rows), a few numpy calls per
-    pair of owners instead of per rectangle.
+_KEEP_RUNS_UP_TO = 1 << 22  # a mask's (first, stop) tables are kept (`masks.visible_runs`) up to this many rows
+
+
+def _count_visible(tokens: TokenMask, blocks: list[tuple[int, int, int, int, int, int]]
+                   ) -> tuple[list[int], list[bool], dict[tuple[int, int], int]]:
+    """`masks.visibility`'s (entries, full) of each (q owner, kv owner, q0, q1, k0, k1), and the entries of each
+    whole pair of shards, in a few numpy calls per query owner instead of a dozen per block.
 
     Each query row's visible keys are one run of the key owner's rows, [first, stop) found once over the whole
-    shard; within key rows [k0, k1) the row sees ``clip(stop) - clip(first)`` of them, as `TokenMask.visible_counts`
-    counts on the slice. ``runs`` keeps those per pair of owners between calls.
+    shard; within key rows [k0, k1) the row sees ``clip(stop) - clip(first)`` of them, as
+    `TokenMask.visible_counts` counts on the slice.
     """
-    by_pair: dict[tuple[int, int], list[int]] = {}
-    for at, (q_owner, _, kv_owner, _) in enumerate(rectangles):
-        by_pair.setdefault((q_owner, kv_owner), []).append(at)
-    entries = [0] * len(rectangles)
-    full = [False] * len(rectangles)
-    for (q_owner, kv_owner), ats in by_pair.items():
-        got = runs.get((q_owner, kv_owner))
-        if got is None:
+    n, q_length = tokens.world_size, tokens.rows_per_rank
+    keep = visible_runs(tokens) if n * n * q_length <= _KEEP_RUNS_UP_TO else None
+    by_q_owner: dict[int, list[int]] = {}
+    for at, block in enumerate(blocks):
+        by_q_owner.setdefault(block[0], []).append(at)
+    entries = [0] * len(blocks)
+    full = [False] * len(blocks)
+    required: dict[tuple[int, int], int] = {}
+    for q_owner in range(n):
+        got = keep.get(q_owner) if keep is not None else None
+        if got is None:  # first[kv owner, row], stop[kv owner, row], flattened; and each pair's entries
             low, high = tokens.limits(q_owner)
-            keys = tokens.kv_positions(kv_owner)
-            got = runs[(q_owner, kv_owner)] = (np.searchsorted(keys, low, side="left"),
-                                                np.searchsorted(keys, high, side="right"))
-        first, stop = got
-        q0 = np.array([rectangles[at][1][0] for at in ats], dtype=np.int64)
-        q1 = np.array([rectangles[at][1][1] for at in ats], dtype=np.int64)
-        k0 = np.array([rectangles[at][3][0] for at in ats], dtype=np.int64)
-        k1 = np.array([rectangles[at][3][1] for at in ats], dtype=np.int64)
+            first = np.empty((n, q_length), dtype=np.int64)
+            stop = np.empty((n, q_length), dtype=np.int64)
+            for kv_owner in range(n):
+                keys = tokens.kv_positions(kv_owner)
+                first[kv_owner] = np.searchsorted(keys, low, side="left")
+                stop[kv_owner] = np.searchsorted(keys, high, side="right")
+            got = (first.ravel(), stop.ravel(), np.maximum(stop - first, 0).sum(axis=1).tolist())
+            if keep is not None:
+                keep[q_owner] = got
+        first, stop, pairs = got
+        for kv_owner, count in enumerate(pairs):
+            required[(q_owner, kv_owner)] = count
+        ats = by_q_owner.get(q_owner)
+        if not ats:
+            continue
+        table = np.array([blocks[at][1:] for at in ats], dtype=np.int64).reshape(-1, 5)
+        kv_owner, q0, q1, k0, k1 = table.T
         lengths = q1 - q0
         offsets = np.cumsum(lengths) - lengths
-        rows = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(offsets - q0, lengths)
+        rows = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(offsets - (kv_owner * q_length + q0), lengths)
         a, b = np.repeat(k0, lengths), np.repeat(k1, lengths)
         count = np.maximum(np.clip(stop[rows], a, b) - np.clip(first[rows], a, b), 0)
         running = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(count)])
         sums = running[offsets + lengths] - running[offsets]
         whole = sums == lengths * (k1 - k0)
-        for at, n_seen, is_full in zip(ats, sums.tolist(), whole.tolist()):
-            entries[at] = n_seen
+        for at, seen, is_full in zip(ats, sums.tolist(), whole.tolist()):
+            entries[at] = seen
             full[at] = is_full
-    return entries, full
+    return entries, full, required
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:

@@ -244,6 +244,14 @@ def _limits(mask: TokenMask, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return _limits_table(mask)[rank]
 
 
+@functools.lru_cache(maxsize=256)
+def visible_runs(mask: TokenMask) -> dict:
+    """Per query owner, filled as asked by `tokenring.masked_plans`: the (first, stop) key rows each of its
+    query rows sees over each whole key shard (a row's visible keys are one run of rows), and the entries of
+    each pair of shards."""
+    return {}
+
+
 def dense_allowed(mask: PositionMask) -> torch.Tensor:
     """(Sq, Sk) boolean: which key each query row of a block sees. For kernels that take explicit masks."""
     qp, kp = mask.q_positions.unsqueeze(1), mask.k_positions.unsqueeze(0)
@@ -441,5 +449,5 @@ def clear_tables() -> None:
     tables as long as the cache, so `tokenring.inference` drops the old ones.
     """
     for cached in (_positions_table, _kv_tables, _documents_table, _limits_table, cached_position_mask,
-                   _segments_table, _kv_segments_table):
+                   _segments_table, _kv_segments_table, visible_runs):
         cached.cache_clear()
