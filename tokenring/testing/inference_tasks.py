@@ -112,3 +112,54 @@ def prefill_benchmark(rank: int, world_size: int, cache_len: int, chunk_len: int
         sent_bytes = sum(m.bytes for m in sent)
         chosen = cache.last_algorithm
     return {"seconds": min(times), "bytes": sent_bytes, "algorithm": chosen}
+
+
+def prefill_planning_share(rank: int, world_size: int, cache_len: int, chunk_len: int, chunks: int, q_heads: int,
+                           kv_heads: int, head_dim: int, algorithm: str, dtype: str = "float32") -> list[dict]:
+    """Per chunk of a chunked prefill: the call's seconds and the seconds spent planning inside it.
+
+    Every chunk meets a cache of a new length, so each needs a new plan, as a real prefill does.
+    Planning is what happens before the first message: the chunk's token mask, the masked plan
+    (built and proven), this rank's program, and the blocks' position masks; each is timed
+    where it is called, by wrapping it for the length of this task.
+    """
+    import time
+
+    from tokenring import inference
+    from tokenring.executor import Executor
+
+    seconds = {"plan": 0.0}
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds["plan"] += time.perf_counter() - start
+        return wrapper
+
+    originals = (inference.prefill_mask, inference.build_masked_plan, Executor.program, Executor.masks_for)
+    inference.prefill_mask, inference.build_masked_plan = timed(originals[0]), timed(originals[1])
+    Executor.program = timed(originals[2])
+    made = originals[3]
+    Executor.masks_for = lambda self, plan, device: timed(made(self, plan, device))
+    try:
+        torch_dtype = DTYPES[dtype]
+        cache = _filled_cache(rank, world_size, cache_len, chunk_len * chunks, kv_heads, head_dim, torch_dtype)
+        generator = torch.Generator().manual_seed(99)
+        rows = []
+        for _ in range(chunks):
+            chunk = cache.extend(chunk_len, replicated=False)
+            q = torch.randn(1, chunk_len, q_heads, head_dim, generator=generator).to(torch_dtype)
+            k, v = (torch.randn(1, chunk_len, kv_heads, head_dim, generator=generator).to(torch_dtype)
+                    for _ in range(2))
+            q, k, v = (chunk.shard(t) for t in (q, k, v))
+            seconds["plan"] = 0.0
+            start = time.perf_counter()
+            inference.attend_with_cache(q, k, v, cache, algorithm=algorithm)
+            rows.append({"cache": cache.length - chunk_len, "seconds": time.perf_counter() - start,
+                         "plan_seconds": seconds["plan"], "algorithm": cache.last_algorithm})
+        return rows
+    finally:
+        inference.prefill_mask, inference.build_masked_plan, Executor.program, Executor.masks_for = originals
