@@ -52,7 +52,7 @@ def derive_backward(forward: Plan) -> Plan:
     steps = []
     for index in range(last + 1):
         step = by_index.get(index, Step(index, (), ()))
-        renamed = [_renamed(t) for t in step.transfers]
+        renamed = [t if t.payload is key_value else _renamed(t) for t in step.transfers]
         steps.append(Step(index, step.blocks, tuple(renamed + extra.get(index, []))))
     return dataclasses.replace(forward, steps=tuple(steps), backward=True)
 

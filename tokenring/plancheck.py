@@ -18,6 +18,7 @@ import functools
 import math
 import operator
 from collections import Counter, defaultdict
+from itertools import repeat
 
 import numpy as np
 
@@ -296,6 +297,10 @@ def work_per_rank(plan: Plan) -> list[list[float]]:
 _ATOMS_UP_TO = 128  # plans with at most this many atoms in all are proven pair by pair (`_check_atoms`)
 
 
+_mask, _q_span, _kv_span = operator.attrgetter("mask"), operator.attrgetter("q_span"), operator.attrgetter("kv_span")
+_span = operator.attrgetter("span")
+
+
 def _span_grid(plan: Plan) -> tuple[int, dict[Span, tuple[int, int]]] | None:
     """(atoms per rank, {span: (first atom, stop atom)}) when the span proof applies to ``plan``, else None."""
     if plan.tokens is not None or getattr(plan, "replicated_queries", False):
@@ -307,15 +312,16 @@ def _span_grid(plan: Plan) -> tuple[int, dict[Span, tuple[int, int]]] | None:
     spans: set[Span] = set()
     none, causal = Mask.NONE, Mask.CAUSAL
     for step in plan.steps:
-        for b in step.blocks:
-            q_span, kv_span = b.q_span, b.kv_span
-            if b.mask is not none and not (
-                b.mask is causal and b.rank == b.q_owner == b.kv_owner and q_span == kv_span
-            ):
-                return None  # token masks, or a causal block the atom proof must judge
-            spans.add(q_span)
-            spans.add(kv_span)
-        spans.update([t.span for t in step.transfers])
+        blocks = step.blocks
+        if any(map(operator.is_not, map(_mask, blocks), repeat(none))):  # (in C) some block is masked
+            for b in blocks:
+                if b.mask is not none and not (
+                    b.mask is causal and b.rank == b.q_owner == b.kv_owner and b.q_span == b.kv_span
+                ):
+                    return None  # token masks, or a causal block the atom proof must judge
+        spans.update(map(_q_span, blocks))
+        spans.update(map(_kv_span, blocks))
+        spans.update(map(_span, step.transfers))
     per_rank = math.lcm(len(chunks[0]) if chunks else 1, *{s[2] for s in spans})
     rows = {s: (s[0] * (per_rank // s[2]), s[1] * (per_rank // s[2])) for s in spans}
     return per_rank, rows
@@ -610,22 +616,24 @@ def _check_tiling(visible: _VisibleRows, covered: list[dict[int, list]], what: s
     """Every (query owner, key owner) pair's shapes, as received by ``covered``'s owners, tile what it may see once."""
     n = len(covered)
     queries = what == "query"
+    size = visible.per_rank
     for owner in range(n):
         received = covered[owner]
         wants = visible.against(owner, queries)
         for other in range(n):
-            j, r = (owner, other) if queries else (other, owner)
             shapes = received.get(other, ())
-            if j == r:
-                ok = _tiles_diagonal(shapes, visible.per_rank, causal)
+            if other == owner:
+                ok = _tiles_diagonal(shapes, size, causal)
             else:
                 want = wants[other]
                 if len(shapes) == 1 and len(want) == 1:  # the common case: one block, one visible rectangle
                     _, qa, qb, ka, kb, tri = shapes[0]
-                    ok = not tri and ka == 0 and (qa, qb, kb) == want[0]
+                    w = want[0]
+                    ok = not tri and ka == 0 and qa == w[0] and qb == w[1] and kb == w[2]
                 else:
-                    ok = _tiles(shapes, want, visible.per_rank)
+                    ok = _tiles(shapes, want, size)
             if not ok:
+                j, r = (owner, other) if queries else (other, owner)
                 raise PlanError(f"{what} side: queries of rank {j} x keys of rank {r}: rows missing or "
                                 f"extra/duplicated (shapes {sorted(s[1:] for s in shapes)[:5]})")
 

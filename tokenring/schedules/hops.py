@@ -8,6 +8,7 @@ a travelling tensor that some later holder still needs.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections import Counter
 
 from ..interfaces import Mask
@@ -227,5 +228,5 @@ def hide_tail(steps: tuple[Step, ...], pieces: int = 2, fill_with_own: bool = Tr
                 first += halves[0]
                 blocks[-1] += halves[1]
         blocks[0] = first
-    return tuple(Step(i, tuple(sorted(bs, key=lambda b: b.rank)), tuple(ts))
-                 for i, (bs, ts) in enumerate(zip(blocks, transfers)))
+    by_rank = operator.attrgetter("rank")
+    return tuple(Step(i, tuple(sorted(bs, key=by_rank)), tuple(ts)) for i, (bs, ts) in enumerate(zip(blocks, transfers)))
