@@ -138,7 +138,8 @@ class _Run:
         self.dtype, self.device = dtype, device
         self.acc_dtype = accumulation_dtype(dtype)
         self.pool = executor.pool
-        self.pool.keep_only_for((program.shape, dtype, device))
+        # Forward and backward of one schedule and shape share buffers; another schedule starts afresh.
+        self.pool.keep_only_for((program.shape, dtype, device, plan.algorithm))
         self.slots: list[_Piece | None] = [None] * program.slots
         self.in_flight: list[torch.Tensor] = []  # pooled buffers of this step's sends: free after the wait
         self.masks = executor.masks_for(plan, device)
