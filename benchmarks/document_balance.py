@@ -1,4 +1,4 @@
-"""Work balance of packed-document layouts: tokenring.documents.balanced_assignment against layouts that ignore documents.
+"""Work balance of packed-document layouts: tokenring.placement.documents.balanced_assignment against layouts that ignore documents.
 
     python benchmarks/document_balance.py [--length S] [--seed SEED]
 
@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenring import documents  # noqa: E402
+from tokenring.placement import documents  # noqa: E402
 
 
 def lognormal_tail(total: int, rng: random.Random) -> list[int]:

@@ -13,7 +13,7 @@ after warm-up):
   installed), next to the raw call they wrap on the same tensors
   (``flash_attn_func``, ``F.scaled_dot_product_attention``), in TFLOP/s:
   the adapter's overhead is the difference;
-* the lse merge (`tokenring.merge.merge_partial_`) in GB/s of memory traffic;
+* the lse merge (`tokenring.runtime.merge.merge_partial_`) in GB/s of memory traffic;
 * ``token_ring_attn`` at world size 1 over NCCL (the whole call: agreement,
   plan, executor, kernel), forward and forward+backward, against the raw
   kernel on the same full sequence.
@@ -163,7 +163,7 @@ def bench_merge(args, dtype, results):
     import torch
 
     from tokenring.interfaces import accumulation_dtype
-    from tokenring.merge import merge_partial_
+    from tokenring.runtime.merge import merge_partial_
 
     b, s, hq, d = args.batch, args.seq_len, args.heads, args.head_dim
     acc = accumulation_dtype(dtype)

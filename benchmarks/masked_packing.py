@@ -29,9 +29,9 @@ def lognormal_boundaries(seq_len: int, seed: int = 0) -> tuple[int, ...]:
 
 
 def plan_rows(world_size: int, seq_len: int) -> list[tuple]:
-    from tokenring.masks import token_mask_for_call, visibility
-    from tokenring.plan import ProblemShape
-    from tokenring.plans import build_masked_plan, build_plan, schedule_names
+    from tokenring.placement.masks import token_mask_for_call, visibility
+    from tokenring.plan.model import ProblemShape
+    from tokenring.schedules.build import build_masked_plan, build_plan, schedule_names
 
     boundaries = lognormal_boundaries(seq_len)
     shape = ProblemShape(batch=1, seq_local=seq_len // world_size, q_heads=8, kv_heads=8, head_dim=64,

@@ -1,4 +1,4 @@
-"""Plans at scale: seconds to build and prove plans (tokenring.plans), no process, no tensor.
+"""Plans at scale: seconds to build and prove plans (tokenring.schedules.build), no process, no tensor.
 
 * ``ring`` and ``tokenring`` at N = 1024, forward and backward (target: 5 s each);
 * ``tokenring-multi`` and ``ring-multi`` at N = 64, forward and backward (target: 5 s each);
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def full_plans(names: list[str], n: int, layouts: list[tuple[str, bool]]) -> None:
-    from tokenring.plans import _plans, build_plan
+    from tokenring.schedules.build import _plans, build_plan
 
     for name in names:
         for layout, causal in layouts:
@@ -41,15 +41,15 @@ def full_plans(names: list[str], n: int, layouts: list[tuple[str, bool]]) -> Non
 
 def masked_plans(world_size: int = 8, seq_len: int = 32768, fresh_tables: bool = False) -> None:
     from masked_packing import lognormal_boundaries
-    from tokenring.masks import clear_tables, token_mask_for_call
-    from tokenring.plans import _plans, build_masked_plan, build_plan, schedule_names
+    from tokenring.placement.masks import clear_tables, token_mask_for_call
+    from tokenring.schedules.build import _plans, build_masked_plan, build_plan, schedule_names
 
     boundaries = lognormal_boundaries(seq_len)
     print(f"masked: S = {seq_len}, N = {world_size}, {len(boundaries) - 1} documents, zigzag, causal"
           f"{', per-rank tables built afresh for each schedule' if fresh_tables else ''}")
     started = time.perf_counter()
     tokens = token_mask_for_call(seq_len, world_size, "zigzag", True, None, boundaries)
-    print(f"  the token mask (documents placed per rank, tokenring.documents): "
+    print(f"  the token mask (documents placed per rank, tokenring.placement.documents): "
           f"{(time.perf_counter() - started) * 1e3:.1f} ms, once for all schedules")
     for name in schedule_names():
         _plans.clear()

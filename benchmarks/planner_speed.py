@@ -6,18 +6,18 @@
 
 Two figures, each printed in seconds (wall, and CPU of this process):
 
-* auto's first call: `tokenring.planner.choose` for one causal, zigzag layer
+* auto's first call: `tokenring.planner.choose.choose` for one causal, zigzag layer
   shaped like Llama-3-8B's (32 query heads, 8 K/V heads, head dim 128,
   bfloat16, 4096 tokens per rank), forward-only and forward + backward, on
   the planner's assumed switch and on a full mesh, each in a fresh process
   (no plan built yet: the first call pays for every plan it builds). The
   schedules it built are named.
-* the simulator: `tokenring.simulate.simulate` of the TokenRing and ring
+* the simulator: `tokenring.planner.simulate.simulate` of the TokenRing and ring
   forward plans (zigzag, causal) on a full mesh and on a switch; the time to
   build each plan is printed apart (plan building is not the simulator's).
 
 ``--compare-with REV`` also runs the simulator of git revision REV
-(``tokenring/simulate.py`` as it was there) on the same plans and prints
+(``tokenring/planner/simulate.py`` as it was there) on the same plans and prints
 both predictions, to show that a change to the simulator keeps them.
 """
 
@@ -36,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 AUTO_CASE = r"""
 import json, sys, time
-from tokenring import topology as T
-from tokenring.plan import ProblemShape
-from tokenring import planner, simulate
+from tokenring.planner import topology as T
+from tokenring.plan.model import ProblemShape
+from tokenring.planner import choose as planner
+from tokenring.planner import simulate
 
 n, kind, needs_grad = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
 shape = ProblemShape(batch=1, seq_local=4096, q_heads=32, kv_heads=8, head_dim=128, itemsize=2)
@@ -50,8 +51,8 @@ def spy(name, *args, **kwargs):
     built.append(name)
     return predict(name, *args, **kwargs)
 simulate.predict = spy
-import tokenring.plans  # the registry and its plugins load here, not in the timed call
-tokenring.plans.schedule_names()
+import tokenring.schedules.build  # the registry and its plugins load here, not in the timed call
+tokenring.schedules.build.schedule_names()
 wall, cpu = time.perf_counter(), time.process_time()
 choice = planner.choose(shape, True, "zigzag", n, needs_grad, profile=profile)
 print(json.dumps({"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu,
@@ -75,7 +76,7 @@ def auto_first_call(n: int) -> None:
 
 
 def old_simulator(revision: str):
-    source = subprocess.run(["git", "show", f"{revision}:tokenring/simulate.py"], capture_output=True, text=True,
+    source = subprocess.run(["git", "show", f"{revision}:tokenring/planner/simulate.py"], capture_output=True, text=True,
                             cwd=ROOT, check=True).stdout
     path = Path(tempfile.mkdtemp()) / "simulate_then.py"
     path.write_text(source)
@@ -87,10 +88,10 @@ def old_simulator(revision: str):
 
 
 def simulator_at_scale(n: int, compare_with: str | None) -> None:
-    from tokenring import topology as T
-    from tokenring.plan import ProblemShape
-    from tokenring.plans import build_plan
-    from tokenring.simulate import simulate
+    from tokenring.planner import topology as T
+    from tokenring.plan.model import ProblemShape
+    from tokenring.schedules.build import build_plan
+    from tokenring.planner.simulate import simulate
 
     then = old_simulator(compare_with) if compare_with else None
     shape = ProblemShape(batch=1, seq_local=1024, q_heads=32, kv_heads=8, head_dim=128, itemsize=2)

@@ -1,6 +1,6 @@
 """Predicted forward + backward time of every schedule at N = 8 ... 1024 on three named systems.
 
-Pure simulation (tokenring.simulate): no device is used. The systems and
+Pure simulation (tokenring.planner.simulate): no device is used. The systems and
 every figure they assume are in SYSTEMS below and in docs/planner.md,
 "Predictions at scale", with their sources. The problem is a Llama-3-8B-like
 attention layer: 32 query heads, 8 K/V heads, head dim 128, bfloat16,
@@ -16,10 +16,10 @@ import json
 import sys
 import time
 
-from tokenring.plan import ProblemShape
-from tokenring.planner import choose
-from tokenring.simulate import predict_all
-from tokenring.topology import two_level
+from tokenring.plan.model import ProblemShape
+from tokenring.planner.choose import choose
+from tokenring.planner.simulate import predict_all
+from tokenring.planner.topology import two_level
 
 # name: (intra-node kind, per-direction Gbit/s of one intra-node link or port, intra latency us,
 #        NIC Gbit/s per device, NIC latency us, attention TFLOP/s)

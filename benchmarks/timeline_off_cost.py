@@ -1,7 +1,7 @@
 """What a pass pays for the timeline when nobody listens: one recorder() call per pass."""
 import time
 import tokenring
-from tokenring import timeline
+from tokenring.runtime import timeline
 
 tokenring.registry.entries()  # discovery done, as in any call after the first
 n = 200_000

@@ -11,7 +11,7 @@ forward and forward + backward; non-causal, float32, head dim 64):
     kind the fan-out says, the per-pair rate and latency, the injection limit)
     and "nominal" (the emulation's own parameters: its kind and link rate,
     with the measured latency, injection limit and compute);
-(b) predict every registered schedule with `tokenring.simulate` on both;
+(b) predict every registered schedule with `tokenring.planner.simulate` on both;
 (c) measure every schedule and ``auto`` with the bench's own worker
     (`tokenring.tools.benchmark.measure`: each output checked against float64,
     slowest rank's median of --repeats), on one LocalWorld per N and network,
@@ -45,7 +45,7 @@ def log(message: str) -> None:
 
 def nominal_profile(calibrated, network: str, gbps: float):
     """The emulation's own parameters (kind, link rate), with the measured latency, injection and compute."""
-    from tokenring import topology
+    from tokenring.planner import topology
 
     return dataclasses.replace(calibrated, kind=network, link=topology.Link(topology.gbps_to_bytes(gbps),
                                                                             calibrated.link.latency_s),
@@ -53,7 +53,7 @@ def nominal_profile(calibrated, network: str, gbps: float):
 
 
 def predict(shape, profile, schedules):
-    from tokenring.simulate import predict_all
+    from tokenring.planner.simulate import predict_all
 
     comparison = predict_all(shape, profile, causal=False, layout="contiguous", schedules=schedules)
     out = {}
@@ -65,7 +65,7 @@ def predict(shape, profile, schedules):
 
 
 def run(args) -> dict:
-    from tokenring.plans import schedule_names
+    from tokenring.schedules.build import schedule_names
     from tokenring.tools import benchmark, calibrate
     from tokenring.tools.launch import LocalWorld, WorkerError
 
@@ -132,7 +132,7 @@ def run(args) -> dict:
 
 def measure_cell(world, args, network_kind, n, gbps, label, hq, hkv, seq_len, threads, comm, compute, profile_path,
                  schedules, references) -> dict:
-    from tokenring import planner
+    from tokenring.planner import choose as planner
     from tokenring.tools import benchmark, calibrate
     from tokenring.tools.launch import WorkerError
 
@@ -186,8 +186,8 @@ def repredict(report: dict, overheads: dict | None = None) -> None:
     ``overheads``: {world size: a profile}; its engine costs (per block, per message) replace the
     cells' for that world size (a later calibration, when the stored one predates a model's field).
     """
-    from tokenring import topology
-    from tokenring.plan import ProblemShape
+    from tokenring.planner import topology
+    from tokenring.plan.model import ProblemShape
 
     for cell in report["cells"]:
         shape = ProblemShape(batch=1, seq_local=cell["seq_local"], q_heads=cell["q_heads"], kv_heads=cell["kv_heads"],
@@ -389,7 +389,7 @@ def main(argv=None) -> int:
             overheads = {}
             for item in args.overheads or []:
                 size, _, path = item.partition("=")
-                overheads[int(size)] = __import__("tokenring.topology", fromlist=["x"]).load_profile(path)
+                overheads[int(size)] = __import__("tokenring.planner.topology", fromlist=["x"]).load_profile(path)
             repredict(report, overheads)
             report["repredicted"] = {"overheads": args.overheads}
     else:

@@ -50,8 +50,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
 from tokenring import sequence
-from tokenring.plans import schedule_names
-from tokenring.runtime import timeout_s
+from tokenring.schedules.build import schedule_names
+from tokenring.runtime.executors import timeout_s
 from tokenring.testing.model_tasks import TrainingRun, reference_training
 from tokenring.testing.tiny_llama import build_reference, random_batches, sequence_parallel_copy
 

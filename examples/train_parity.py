@@ -35,7 +35,7 @@ import argparse
 import os
 import sys
 
-from tokenring.plans import schedule_names
+from tokenring.schedules.build import schedule_names
 from tokenring.registry import registry
 from tokenring.tools.launch import LocalWorld
 from tokenring.testing.model_tasks import (

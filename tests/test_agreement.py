@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tokenring.agreement import MARKER, Agreement, markers_reach_everyone
+from tokenring.runtime.agreement import MARKER, Agreement, markers_reach_everyone
 from tokenring.interfaces import Mask
-from tokenring.layout import Layout
-from tokenring.plan import ALL, Block, Payload, Plan, ProblemShape, Step, Transfer
-from tokenring.plans import build_plan, schedule_names
+from tokenring.placement.layout import Layout
+from tokenring.plan.model import ALL, Block, Payload, Plan, ProblemShape, Step, Transfer
+from tokenring.schedules.build import build_plan, schedule_names
 from tokenring.testing.problems import Problem
 
 B, S_LOCAL, HQ, HKV, D = 2, 8, 4, 2, 16

@@ -3,7 +3,7 @@
 import pytest
 
 from tokenring.testing.checks import check_gradients
-from tokenring.plans import schedule_names
+from tokenring.schedules.build import schedule_names
 from tokenring.testing.problems import Problem
 from tokenring.tools.problems import fitting_seq_local
 

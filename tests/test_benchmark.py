@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokenring import reference_attention
-from tokenring.plans import schedule_names
+from tokenring.schedules.build import schedule_names
 from tokenring.tools import benchmark, cli
 from tokenring.tools.problems import relative_error
 

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from tokenring import planner, topology
-from tokenring.plan import ProblemShape
+from tokenring.planner import choose as planner
+from tokenring.planner import topology
+from tokenring.plan.model import ProblemShape
 from tokenring.tools import benchmark, calibrate, cli
 
 
@@ -89,8 +90,8 @@ def test_engine_overheads_split_the_cost_per_block_from_the_cost_per_message():
 def test_the_simulator_charges_each_message_to_both_ends():
     import dataclasses
 
-    from tokenring.plans import build_plan
-    from tokenring.simulate import simulate
+    from tokenring.schedules.build import build_plan
+    from tokenring.planner.simulate import simulate
 
     shape = ProblemShape(batch=1, seq_local=32, q_heads=2, kv_heads=2, head_dim=8, itemsize=4)
     base = topology.fullmesh(4, 1e6, tflops=None)

@@ -112,7 +112,7 @@ def test_run_and_bench_refuse_bad_arguments_alike(command, argv, flag):
 
 
 def test_plan_list_names_every_registered_schedule():
-    from tokenring.plans import schedule_names
+    from tokenring.schedules.build import schedule_names
 
     listed = tokenring("plan", "--list")
     assert listed.returncode == 0, listed.stderr

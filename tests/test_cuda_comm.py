@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 import tokenring
-from tokenring.executor import Executor
+from tokenring.runtime.executor import Executor
 from tokenring.interfaces import Channel, CommTimeout, Recv, Send
 from tokenring.tools.launch import LocalWorld
-from tokenring.plan import sum_by_link
+from tokenring.plan.model import sum_by_link
 from tokenring.testing.problems import GRAD_TOLERANCE, TOLERANCE, Problem, relative_error
 from tokenring.testing.tasks import from_bytes, to_bytes
 

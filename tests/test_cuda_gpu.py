@@ -18,7 +18,7 @@ import torch
 import tokenring
 from tokenring.interfaces import Mask
 from tokenring.tools.launch import LocalWorld
-from tokenring.plan import sum_by_link
+from tokenring.plan.model import sum_by_link
 from tokenring.reference import reference_attention
 from tokenring.testing.problems import GRAD_TOLERANCE, TOLERANCE, Problem, relative_error
 from tokenring.testing.tasks import from_bytes
@@ -141,7 +141,7 @@ def test_flash_stand_in_of_the_installed_release_tells_the_truth(kernel_name, lo
 
 def step_loop_without_host_sync(rank, world_size, problem):
     """Warm up through token_ring_attn, then run the executor's passes with host syncs forbidden."""
-    from tokenring.runtime import executor_for
+    from tokenring.runtime.executors import executor_for
     from tokenring.registry import registry
 
     device = torch.device("cuda", torch.cuda.current_device())

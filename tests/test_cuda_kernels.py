@@ -286,7 +286,7 @@ def _position_mask_case(seed):
 
 
 def _masked_reference(q, k, v, mask, scale):
-    from tokenring.masks import dense_allowed
+    from tokenring.placement.masks import dense_allowed
 
     group = q.shape[2] // k.shape[2]
     q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))

@@ -1,4 +1,4 @@
-"""Balanced layouts for packed documents (tokenring.documents): exact inverse shards, equal counts, balanced work."""
+"""Balanced layouts for packed documents (tokenring.placement.documents): exact inverse shards, equal counts, balanced work."""
 
 import math
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tokenring import documents
+from tokenring.placement import documents
 
 
 def boundaries(lengths):

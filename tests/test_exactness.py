@@ -4,7 +4,7 @@
 import pytest
 
 from tokenring.testing.checks import check_attention
-from tokenring.plans import schedule_names
+from tokenring.schedules.build import schedule_names
 from tokenring.testing.problems import Problem
 
 WORLD_SIZES = [1, 2, 3, 4]

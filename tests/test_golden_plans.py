@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tokenring.plan import ProblemShape
+from tokenring.plan.model import ProblemShape
 from tokenring.registry import CORE_DISTRIBUTION, registry
-from tokenring.plans import build_plan
+from tokenring.schedules.build import build_plan
 
 GOLDEN = Path(__file__).parent / "golden" / "plans"
 CASES = [("contiguous", False, 3), ("contiguous", True, 4), ("zigzag", True, 3), ("zigzag", True, 4)]

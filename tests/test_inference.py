@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tokenring.executor import Executor
+from tokenring.runtime.executor import Executor
 from tokenring.inference import (
     ShardedKVCache,
     attend_with_cache,
@@ -19,16 +19,18 @@ from tokenring.inference import (
     place_chunk,
     prefill_mask,
 )
-from tokenring.masked_plans import check_masked_plan, mask_plan
-from tokenring.masks import TokenMask
-from tokenring.plan import ALL, Block, Payload, Plan, Step, Transfer
-from tokenring.plancheck import PlanError, check_plan
-from tokenring.plans import build_plan
+from tokenring.proofs.masked import check_masked_plan
+from tokenring.schedules.masked import mask_plan
+from tokenring.placement.masks import TokenMask
+from tokenring.plan.model import ALL, Block, Payload, Plan, Step, Transfer
+from tokenring.proofs.plancheck import PlanError, check_plan
+from tokenring.schedules.build import build_plan
 from tokenring.reference import reference_attention
-from tokenring.traffic import record_traffic
-from tokenring.replicated import check_replicated_plan, decode_plan
+from tokenring.plan.traffic import record_traffic
+from tokenring.proofs.replicated import check_replicated_plan
+from tokenring.schedules.replicated import decode_plan
 from tokenring.interfaces import Mask
-from tokenring.layout import Layout
+from tokenring.placement.layout import Layout
 from tokenring_cpu.kernel import CpuSdpaKernel
 
 from threaded_world import ThreadComm, _Mailboxes
@@ -148,7 +150,7 @@ def test_decode_plans_are_proven(world_size, merge):
             decode_plan(world_size, merge)
         return
     plan = decode_plan(world_size, merge)
-    check_plan(plan)  # plancheck hands replicated-query plans to tokenring.replicated
+    check_plan(plan)  # plancheck hands replicated-query plans to tokenring.schedules.replicated
     assert plan.replicated_queries and "replicated queries" in plan.describe()
     steps = 1 + (0 if world_size == 1 else (1 if merge == "gather" else world_size.bit_length() - 1))
     assert len(plan.steps) == steps

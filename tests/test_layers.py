@@ -1,8 +1,26 @@
 """The package's layers, read from the source with `ast` (nothing here imports tokenring).
 
-* core: every module of tokenring/ outside the layers below (plans,
-  schedules, executor, merge, layouts, interfaces, API, validation,
-  registry, nn, sequence);
+The core is a stack of layers, each a folder (or, at the bottom and the top,
+named modules); a module may import its own layer and the layers below it,
+never one above:
+
+1. contracts: tokenring.interfaces, tokenring.hookspecs (what backends and
+   plugins implement);
+2. placement (tokenring/placement/): layouts, documents, token masks;
+3. plan (tokenring/plan/): the plan model, its traffic, the derived
+   backward, replicated-query plans;
+4. proofs (tokenring/proofs/): the checkers;
+5. schedules (tokenring/schedules/, and tokenring.registry, the plugin path
+   every schedule and backend is found through): builders, masked plans, the
+   proven-plan cache;
+6. runtime (tokenring/runtime/): lowering, the executor, buffers, merging,
+   the agreement, the timeline, groups;
+7. planner (tokenring/planner/): topologies, the simulator, `auto`;
+8. front ends: the package's other top-level modules (the API, nn,
+   inference, compile support, validation, sequence helpers, the reference).
+
+Beside the stack:
+
 * kit (tokenring/kit/): helpers for backends; imports only the core's interfaces;
 * tools (tokenring/tools/, and tokenring/__main__.py, which only runs the
   CLI): may import the core and the kit, never the test package;
@@ -93,6 +111,18 @@ def _within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
+CORE_LAYERS = [  # bottom first
+    ("contracts", ("tokenring.interfaces", "tokenring.hookspecs")),
+    ("placement", ("tokenring.placement",)),
+    ("plan", ("tokenring.plan",)),
+    ("proofs", ("tokenring.proofs",)),
+    ("schedules", ("tokenring.schedules", "tokenring.registry")),
+    ("runtime", ("tokenring.runtime",)),
+    ("planner", ("tokenring.planner",)),
+]
+FRONT_ENDS = len(CORE_LAYERS)
+
+
 def layer(module: str) -> str:
     if _within(module, "tokenring.tools") or module == "tokenring.__main__":
         return "tools"
@@ -101,6 +131,28 @@ def layer(module: str) -> str:
     if _within(module, "tokenring.kit"):
         return "kit"
     return "core"
+
+
+def core_level(module: str) -> int:
+    """The index of ``module``'s layer in the core's stack (the front ends are the top)."""
+    for level, (_, packages) in enumerate(CORE_LAYERS):
+        if any(_within(module, package) for package in packages):
+            return level
+    return FRONT_ENDS
+
+
+def level_name(level: int) -> str:
+    return CORE_LAYERS[level][0] if level < FRONT_ENDS else "front ends"
+
+
+def core_layers_import_only_downward(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{level_name(core_level(module))} module {module} imports {target} "
+        f"({level_name(core_level(target))}, a layer above)"
+        for module, targets in sorted(graph.items()) if layer(module) == "core"
+        for target in sorted(targets)
+        if layer(target) == "core" and target != "tokenring" and core_level(target) > core_level(module)
+    ]
 
 
 def core_imports_no_tools_or_testing(graph: dict[str, set[str]]) -> list[str]:
@@ -163,7 +215,8 @@ def no_import_cycle(graph: dict[str, set[str]]) -> list[str]:
     return [] if cycle is None else ["import cycle: " + " -> ".join(cycle)]
 
 
-RULES = [core_imports_no_tools_or_testing, tools_import_no_testing, kit_imports_only_interfaces, no_import_cycle]
+RULES = [core_layers_import_only_downward, core_imports_no_tools_or_testing, tools_import_no_testing,
+         kit_imports_only_interfaces, no_import_cycle]
 
 
 # -- the package obeys them -----------------------------------------------------------
@@ -212,8 +265,14 @@ def test_the_package_obeys(rule, graph):
     (no_import_cycle, {"tokenring": {"tokenring.api"}, "tokenring.api": {"tokenring.executor"},
                        "tokenring.executor": {"tokenring.merge"}, "tokenring.merge": {"tokenring.api"}},
      "import cycle: tokenring.api -> tokenring.executor -> tokenring.merge -> tokenring.api"),
+    (core_layers_import_only_downward, {"tokenring.runtime.timeline": {"tokenring.api"}},
+     "runtime module tokenring.runtime.timeline imports tokenring.api (front ends, a layer above)"),
+    (core_layers_import_only_downward, {"tokenring.plan.model": {"tokenring.proofs.plancheck"}},
+     "plan module tokenring.plan.model imports tokenring.proofs.plancheck (proofs, a layer above)"),
+    (core_layers_import_only_downward, {"tokenring.interfaces": {"tokenring.placement.masks"}},
+     "contracts module tokenring.interfaces imports tokenring.placement.masks (placement, a layer above)"),
 ], ids=["core-tools", "core-testing", "root-tools", "tool-testing", "main-testing", "kit-core", "kit-root",
-        "two-cycle", "three-cycle"])
+        "two-cycle", "three-cycle", "front-runtime", "plan-proofs", "contracts-placement"])
 def test_each_rule_catches_a_violation(rule, bad_graph, expected):
     violations = rule(bad_graph)
     assert any(expected in v for v in violations), violations

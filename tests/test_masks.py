@@ -6,12 +6,13 @@ import time
 import pytest
 import torch
 
-from tokenring.backward import derive_backward
-from tokenring.masked_plans import check_masked_plan, mask_plan
-from tokenring.masks import TokenMask, contiguous_runs, token_mask_for_call, zigzag_runs
-from tokenring.plan import Payload, ProblemShape
-from tokenring.plancheck import PlanError, check_plan
-from tokenring.plans import build_masked_plan, build_plan, schedule_names
+from tokenring.plan.backward import derive_backward
+from tokenring.proofs.masked import check_masked_plan
+from tokenring.schedules.masked import mask_plan
+from tokenring.placement.masks import TokenMask, contiguous_runs, token_mask_for_call, zigzag_runs
+from tokenring.plan.model import Payload, ProblemShape
+from tokenring.proofs.plancheck import PlanError, check_plan
+from tokenring.schedules.build import build_masked_plan, build_plan, schedule_names
 from tokenring.testing.checks import assert_all_ranks_fail, check_attention, check_gradients
 from tokenring.testing.problems import Problem
 from tokenring.tools.tasks import from_bytes
@@ -109,7 +110,7 @@ def test_the_zigzag_layout_balances_the_work_of_packed_documents(world_size):
         tokens = token_mask_for_call(seq_len, world_size, layout, True, None, boundaries)
         plan = build_masked_plan("ring", tokens)
         length = tokens.rows_per_rank
-        from tokenring.masks import visibility
+        from tokenring.placement.masks import visibility
 
         work = [0] * world_size
         for step in plan.steps:

@@ -2,7 +2,7 @@
 
 import torch
 
-from tokenring.merge import merge_partial_
+from tokenring.runtime.merge import merge_partial_
 from tokenring.reference import reference_attention
 
 

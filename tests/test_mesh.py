@@ -1,4 +1,4 @@
-"""group= as a DeviceMesh: tokenring.groups.resolve_group, and data parallel x context parallel training under torchrun."""
+"""group= as a DeviceMesh: tokenring.runtime.groups.resolve_group, and data parallel x context parallel training under torchrun."""
 
 import os
 import random
@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import tokenring
 from tokenring import sequence
-from tokenring.groups import CONTEXT_PARALLEL_DIM_NAMES, resolve_group
+from tokenring.runtime.groups import CONTEXT_PARALLEL_DIM_NAMES, resolve_group
 
 ROOT = Path(__file__).resolve().parents[1]
 

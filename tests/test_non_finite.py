@@ -4,7 +4,7 @@ torch's CPU flash operator returns out 0 and lse 0 for all-NaN query rows in
 short blocks on some CPUs (AVX-512), and 16 rows or more give NaN: so every
 schedule runs here with blocks of 1 to 16 rows, on the CPU kernel as it is
 and on a stand-in that turns every row it cannot compute into a finite 0.
-The engine must carry the poison past the kernel (`tokenring.finite`).
+The engine must carry the poison past the kernel (`tokenring.runtime.finite`).
 """
 
 import pytest
@@ -12,8 +12,8 @@ import torch
 
 from threaded_world import run_plan
 from tokenring import registry
-from tokenring.layout import shard, unshard
-from tokenring.plans import build_plan
+from tokenring.placement.layout import shard, unshard
+from tokenring.schedules.build import build_plan
 from tokenring.reference import reference_attention
 from tokenring_cpu.kernel import CpuSdpaKernel
 

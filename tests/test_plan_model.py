@@ -10,13 +10,13 @@ from fractions import Fraction
 import pytest
 import torch
 
-from tokenring.backward import derive_backward
+from tokenring.plan.backward import derive_backward
 from tokenring.interfaces import Mask
-from tokenring.layout import Layout
-from tokenring.plan import ALL, FIRST, SECOND, Block, Payload, Plan, ProblemShape, Span, Step, Transfer
-from tokenring.plancheck import PlanError, check_plan
+from tokenring.placement.layout import Layout
+from tokenring.plan.model import ALL, FIRST, SECOND, Block, Payload, Plan, ProblemShape, Span, Step, Transfer
+from tokenring.proofs.plancheck import PlanError, check_plan
 from tokenring.reference import reference_attention
-from tokenring.plans import build_plan, schedule_names
+from tokenring.schedules.build import build_plan, schedule_names
 
 from threaded_world import run_plan
 

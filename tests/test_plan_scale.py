@@ -1,6 +1,6 @@
 """Plans at scale: every schedule builds and proves its plans at N = 64 quickly, and the two proofs agree.
 
-`tokenring.plancheck.check_plan` proves small plans pair by pair ("atoms") and large ones on rectangles of
+`tokenring.proofs.plancheck.check_plan` proves small plans pair by pair ("atoms") and large ones on rectangles of
 rows ("spans"). Both must reach the same verdict on every registered schedule and on plans broken on purpose.
 """
 
@@ -11,9 +11,9 @@ import time
 import pytest
 
 from tokenring.interfaces import Mask
-from tokenring.plan import ALL, Plan, Step
-from tokenring.plancheck import PlanError, _span_grid, check_plan
-from tokenring.plans import _plans, build_plan, schedule_names
+from tokenring.plan.model import ALL, Plan, Step
+from tokenring.proofs.plancheck import PlanError, _span_grid, check_plan
+from tokenring.schedules.build import _plans, build_plan, schedule_names
 
 MASKS = [("contiguous", False), ("contiguous", True), ("zigzag", False), ("zigzag", True)]
 

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from tokenring.plan import ProblemShape
-from tokenring.planner import PREFERENCE, TIE, choose
-from tokenring.simulate import predict_all
+from tokenring.plan.model import ProblemShape
+from tokenring.planner.choose import PREFERENCE, TIE, choose
+from tokenring.planner.simulate import predict_all
 from tokenring.testing.problems import Problem
-from tokenring.topology import fullmesh, save_profile, switch
+from tokenring.planner.topology import fullmesh, save_profile, switch
 
 
 def shape(seq_local=512, q_heads=8, kv_heads=8):
@@ -52,7 +52,7 @@ def test_a_profile_for_another_world_size_is_not_used(tmp_path, monkeypatch):
     path = tmp_path / "profile.json"
     save_profile(fullmesh(8, 0.1, 5, tflops=None), path)
     monkeypatch.setenv("TOKENRING_PROFILE", str(path))
-    from tokenring.planner import group_profile
+    from tokenring.planner.choose import group_profile
 
     assert "profile" in group_profile(8)[1] and str(path) in group_profile(8)[1]
     assert group_profile(4)[1].startswith("an assumed switch")
@@ -96,8 +96,8 @@ def test_a_bad_profile_is_an_error_naming_the_file(worlds, seed, tmp_path):
 @pytest.mark.parametrize("n", [2, 3, 4, 8])
 def test_the_closed_form_bounds_never_exceed_the_simulated_time(n):
     # Pruning is exact only if every bound is below its schedule's prediction: check it on every kind of profile.
-    from tokenring.planner import lower_bound
-    from tokenring.topology import ring, two_level
+    from tokenring.planner.choose import lower_bound
+    from tokenring.planner.topology import ring, two_level
 
     profiles = [fullmesh(n, 1.0, 5, tflops=1.0), switch(n, 0.1, 5, tflops=None), ring(n, 1, 0, tflops=None),
                 fullmesh(n, 1, 0, tflops=None, injection_gbps=2), switch(n, 100, 2, tflops=150)]
@@ -120,7 +120,7 @@ def test_the_closed_form_bounds_never_exceed_the_simulated_time(n):
 @pytest.mark.parametrize("needs_grad", [False, True])
 @pytest.mark.parametrize("tflops", [None, 1.0, 1000.0])
 def test_pruning_chooses_what_replaying_every_schedule_chooses(kind, needs_grad, tflops):
-    from tokenring.planner import _choose
+    from tokenring.planner.choose import _choose
 
     profile = (fullmesh if kind == "fullmesh" else switch)(8, 1.0, 5, tflops=tflops)
     for kv_heads in (8, 2):
@@ -141,9 +141,9 @@ def test_a_plugin_schedule_without_a_closed_form_is_still_built_and_considered(m
     import types
 
     import tokenring
-    from tokenring import simulate
-    from tokenring.plan import Plan, Schedule
-    from tokenring.planner import _choose
+    from tokenring.planner import simulate
+    from tokenring.plan.model import Plan, Schedule
+    from tokenring.planner.choose import _choose
     from tokenring.registry import registry
     from tokenring.schedules.hops import one_hop_steps
 

@@ -4,12 +4,12 @@ import itertools
 
 import pytest
 
-from tokenring.backward import derive_backward
+from tokenring.plan.backward import derive_backward
 from tokenring.interfaces import Mask
-from tokenring.layout import Layout
-from tokenring.plan import ALL, SECOND, Block, Payload, Plan, ProblemShape, Step
-from tokenring.plancheck import PlanError, check_plan, work_per_rank
-from tokenring.plans import build_plan, schedule_names
+from tokenring.placement.layout import Layout
+from tokenring.plan.model import ALL, SECOND, Block, Payload, Plan, ProblemShape, Step
+from tokenring.proofs.plancheck import PlanError, check_plan, work_per_rank
+from tokenring.schedules.build import build_plan, schedule_names
 from tokenring.schedules.hops import cheaper_direction, one_hop_steps
 
 WORLD_SIZES = [1, 2, 3, 4, 5, 8]

@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from tokenring.plan import Payload
-from tokenring.plans import build_plan
+from tokenring.plan.model import Payload
+from tokenring.schedules.build import build_plan
 from tokenring.schedules.multi_ring import ring_count
 from tokenring.schedules.rings import directed_rings
 
@@ -60,7 +60,7 @@ def test_dkv_sums_follow_each_piece_home_and_are_exact(n, algorithm):
 
     from test_plan_model import _expected, _problem
     from threaded_world import run_plan
-    from tokenring.layout import shard, unshard
+    from tokenring.placement.layout import shard, unshard
 
     plan, backward = (build_plan(algorithm, "contiguous", False, n, backward=b) for b in (False, True))
     pieces = {t.span for _, t in plan.transfers() if t.payload is Payload.KEY_VALUE}
@@ -79,8 +79,8 @@ PASS_Q = ["tokenring", "tokenring-2way", "tokenring-multi"]
 
 def _whole_tail_plan(algorithm, layout, causal, n):
     """The same schedule before `hide_tail`: each last block computed whole, its partial sent whole."""
-    from tokenring.layout import Layout
-    from tokenring.plan import Plan
+    from tokenring.placement.layout import Layout
+    from tokenring.plan.model import Plan
     from tokenring.schedules.hops import cheaper_direction
     from tokenring.schedules.multi_ring import multi_ring_routes
     from tokenring.schedules.routes import route_steps, two_way_routes
@@ -103,8 +103,8 @@ def test_pass_q_plans_send_the_last_partials_home_in_halves_as_they_finish(algor
     travels while the second half is computed, and the final step carries only the second half's partial
     (at most half the bytes the whole last block's partial had on any link), while every rank computes
     half of its own block, which needs nothing that travels."""
-    from tokenring.backward import derive_backward
-    from tokenring.plan import ProblemShape
+    from tokenring.plan.backward import derive_backward
+    from tokenring.plan.model import ProblemShape
 
     shape = ProblemShape(batch=1, seq_local=64, q_heads=4, kv_heads=2, head_dim=16, itemsize=2)
     plan = build_plan(algorithm, layout, causal, n, backward=backward)
@@ -144,10 +144,10 @@ def test_pass_q_plans_with_a_hidden_tail_are_exact_and_send_what_they_plan(algor
     import torch
 
     from threaded_world import run_plan
-    from tokenring.backward import derive_backward
-    from tokenring.executor import problem_shape
-    from tokenring.layout import shard, unshard
-    from tokenring.plan import sum_by_link
+    from tokenring.plan.backward import derive_backward
+    from tokenring.runtime.executor import problem_shape
+    from tokenring.placement.layout import shard, unshard
+    from tokenring.plan.model import sum_by_link
     from tokenring.reference import reference_attention
 
     plan = build_plan(algorithm, layout, causal, n)

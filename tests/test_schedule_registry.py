@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import tokenring
-from tokenring.plan import Plan, Schedule, Step
-from tokenring.plancheck import PlanError
+from tokenring.plan.model import Plan, Schedule, Step
+from tokenring.proofs.plancheck import PlanError
 from tokenring.registry import registry
-from tokenring.plans import build_plan, schedule_names
+from tokenring.schedules.build import build_plan, schedule_names
 from tokenring.schedules.hops import one_hop_steps
 
 from threaded_world import run_plan

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tokenring.plan import Payload, ProblemShape
-from tokenring.plans import build_plan, schedule_names
+from tokenring.plan.model import Payload, ProblemShape
+from tokenring.schedules.build import build_plan, schedule_names
 
 
 def test_it_is_registered_like_every_schedule():

@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from tokenring import topology as T
+from tokenring.planner import topology as T
 from tokenring.interfaces import Mask
-from tokenring.layout import Layout
-from tokenring.plan import ALL, Block, Payload, Plan, ProblemShape, Step, Transfer
-from tokenring.plans import build_plan, schedule_names
-from tokenring.simulate import _shared_finish, predict_all, simulate
+from tokenring.placement.layout import Layout
+from tokenring.plan.model import ALL, Block, Payload, Plan, ProblemShape, Step, Transfer
+from tokenring.schedules.build import build_plan, schedule_names
+from tokenring.planner.simulate import _shared_finish, predict_all, simulate
 
 MHA = ProblemShape(batch=1, seq_local=1024, q_heads=8, kv_heads=8, head_dim=64, itemsize=2)
 GBPS = 100.0

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from tokenring import timeline
-from tokenring.executor import Executor
+from tokenring.runtime import timeline
+from tokenring.runtime.executor import Executor
 from tokenring.interfaces import Comm
-from tokenring.plans import build_plan, schedule_names
+from tokenring.schedules.build import build_plan, schedule_names
 from tokenring_cpu.kernel import CpuSdpaKernel
 
 from threaded_world import run_plan

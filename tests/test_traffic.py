@@ -3,8 +3,8 @@
 import pytest
 
 from tokenring.interfaces import LinkTraffic
-from tokenring.plan import sum_by_link
-from tokenring.plans import schedule_names
+from tokenring.plan.model import sum_by_link
+from tokenring.schedules.build import schedule_names
 from tokenring.testing.problems import Problem
 from tokenring.tools.problems import fitting_seq_local
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from tokenring.executor import Executor
+from tokenring.runtime.executor import Executor
 from tokenring.interfaces import Comm, CommTimeout, Handle, LinkTraffic
 from tokenring_cpu.kernel import CpuSdpaKernel
 

@@ -4,8 +4,8 @@ Public surface: `token_ring_attn`, `shard`/`unshard`, the backend interfaces,
 the plan model and the schedules, and the error types. Everything else is private.
 """
 
-from .hookspecs import hookimpl, hookspec
-from .interfaces import (
+from tokenring.hookspecs import hookimpl, hookspec
+from tokenring.interfaces import (
     AttentionKernel,
     Backend,
     BackendError,
@@ -22,14 +22,14 @@ from .interfaces import (
     Send,
     TokenRingError,
 )
-from .layout import Layout, shard, unshard
-from .plan import Plan, ProblemShape, Schedule, Span
-from .plans import build_plan, schedule_names
-from .api import last_choice, token_ring_attn
-from .traffic import record_traffic
-from .reference import reference_attention
-from .registry import registry
-from . import nn, sequence  # noqa: E402  (drop-in module and batch helpers: tokenring.nn, tokenring.sequence)
+from tokenring.placement.layout import Layout, shard, unshard
+from tokenring.plan.model import Plan, ProblemShape, Schedule, Span
+from tokenring.schedules.build import build_plan, schedule_names
+from tokenring.api import last_choice, token_ring_attn
+from tokenring.plan.traffic import record_traffic
+from tokenring.reference import reference_attention
+from tokenring.registry import registry
+from tokenring import nn, sequence  # noqa: E402  (drop-in module and batch helpers: tokenring.nn, tokenring.sequence)
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """The public entry point: `token_ring_attn`, which prepares, agrees on and runs a call.
 
 The steps live below it: `tokenring.call` (`prepare`, `agree`),
-`tokenring.compiled` (`run`, and the torch.compile route), `tokenring.runtime`
+`tokenring.compiled` (`run`, and the torch.compile route), `tokenring.runtime.executors`
 (the executors and the timeout).
 """
 
@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from .call import agree, last_choice, prepare
-from .compiled import compiled_token_ring_attn, in_graph, run
-from .interfaces import InputError
-from .runtime import DEFAULT_TIMEOUT_S, timeout_s
+from tokenring.call import agree, last_choice, prepare
+from tokenring.compiled import compiled_token_ring_attn, in_graph, run
+from tokenring.interfaces import InputError
+from tokenring.runtime.executors import DEFAULT_TIMEOUT_S, timeout_s
 
 __all__ = ["DEFAULT_TIMEOUT_S", "last_choice", "timeout_s", "token_ring_attn"]
 
@@ -47,7 +47,7 @@ def token_ring_attn(
     results; ``"ring"`` runs the Ring-Attention baseline (K and V travel);
     all run through the same engine. ``"auto"`` (the default) runs the one
     the simulator predicts fastest for this call's shape on the group's
-    profile (`tokenring.planner`; ``tokenring calibrate`` writes the profile);
+    profile (`tokenring.planner.choose`; ``tokenring calibrate`` writes the profile);
     every rank makes the same choice, and `tokenring.last_choice` tells which.
 
     Returns out, with q's shape and dtype, or (out, lse) with ``return_lse``,

@@ -2,13 +2,13 @@
 
 * `prepare(q, k, v, ...)` -> `CallRecord`: the one place where a call's
   arguments are checked (`tokenring.validation`, without raising), its
-  backend and executor are found (`tokenring.runtime`), ``"auto"`` is
-  resolved (`tokenring.planner`), the documents and window become a token
+  backend and executor are found (`tokenring.runtime.executors`), ``"auto"`` is
+  resolved (`tokenring.planner.choose`), the documents and window become a token
   mask, and the forward and backward plans are built and proven. The record
   is immutable and holds no tensor: the problem shape, the plans, the scale,
   the timeout, the executor, and the signature every rank must agree on
   (with this rank's problem, if it has one).
-* `agree(record)`: the cross-rank agreement (`tokenring.agreement`), only
+* `agree(record)`: the cross-rank agreement (`tokenring.runtime.agreement`), only
   when the signature is not the one the group last agreed on; raises on
   every rank when any rank has a problem or the ranks differ.
 * `run(record, q, k, v)` (`tokenring.compiled`): the attention, as the
@@ -28,18 +28,18 @@ from typing import Any, Optional
 
 import torch
 
-from .agreement import call_signature, gather, signature_key
-from .executor import Executor, problem_shape
-from .groups import resolve_group
-from .interfaces import Backend, BackendError, InputError, TokenRingError
-from .layout import Layout, default_layout
-from .masks import TokenMask, mask_fingerprint, token_mask_for_call
-from .plan import Plan, ProblemShape
-from .plancheck import PlanError
-from .planner import AUTO, Choice, choose
-from .plans import build_masked_plan, build_plan
-from .runtime import backend_and_executor, timeout_s
-from .validation import local_problem, mask_arguments, plan_problem
+from tokenring.runtime.agreement import call_signature, gather, signature_key
+from tokenring.runtime.executor import Executor, problem_shape
+from tokenring.runtime.groups import resolve_group
+from tokenring.interfaces import Backend, BackendError, InputError, TokenRingError
+from tokenring.placement.layout import Layout, default_layout
+from tokenring.placement.masks import TokenMask, mask_fingerprint, token_mask_for_call
+from tokenring.plan.model import Plan, ProblemShape
+from tokenring.proofs.plancheck import PlanError
+from tokenring.planner.choose import AUTO, Choice, choose
+from tokenring.schedules.build import build_masked_plan, build_plan
+from tokenring.runtime.executors import backend_and_executor, timeout_s
+from tokenring.validation import local_problem, mask_arguments, plan_problem
 
 __all__ = ["CallRecord", "agree", "last_choice", "prepare"]
 
@@ -143,7 +143,7 @@ def prepare(
 
 def _plans(algorithm: str, layout: str, causal: bool, world_size: int, tokens: Optional[TokenMask],
            needs_grad: bool) -> tuple[Plan, Optional[Plan]]:
-    """The forward plan, and the backward plan when ``needs_grad``; built and proven (`tokenring.plans`)."""
+    """The forward plan, and the backward plan when ``needs_grad``; built and proven (`tokenring.schedules.build`)."""
     if tokens is not None:
         forward = build_masked_plan(algorithm, tokens)
         return forward, (build_masked_plan(algorithm, tokens, backward=True) if needs_grad else None)
@@ -167,7 +167,7 @@ def agree(record: CallRecord) -> None:
     agreement.gathers += 1
     agreed = agreement.agreed
     agreement.forget()  # until this gather succeeds, no call is agreed
-    if agreed is not None:  # peers may be running the agreed call: stop them (tokenring/agreement.py)
+    if agreed is not None:  # peers may be running the agreed call: stop them (tokenring/runtime/agreement.py)
         executor.stop_agreed_call(agreed, timeout_s=record.timeout_s)
     gather(executor.comm, record.signature, record.problem, timeout_s=record.timeout_s, error=record.error)
     if record.plan is None or record.shape is None or record.dtype is None:  # gather raises on any problem
@@ -198,5 +198,5 @@ _last_choice = threading.local()
 
 
 def last_choice() -> Optional[Choice]:
-    """What the last ``algorithm="auto"`` call on this thread chose, and why (`tokenring.planner.Choice`)."""
+    """What the last ``algorithm="auto"`` call on this thread chose, and why (`tokenring.planner.choose.Choice`)."""
     return getattr(_last_choice, "value", None)

@@ -38,11 +38,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .agreement import PeerAborted, gather
-from .call import CallRecord, agree, prepare
-from .interfaces import TokenRingError, accumulation_dtype
-from .plan import Plan
-from .traffic import recording
+from tokenring.runtime.agreement import PeerAborted, gather
+from tokenring.call import CallRecord, agree, prepare
+from tokenring.interfaces import TokenRingError, accumulation_dtype
+from tokenring.plan.model import Plan
+from tokenring.plan.traffic import recording
 
 __all__ = ["agree_op", "attention_op", "attention_backward_op", "compiled_token_ring_attn", "in_graph", "run"]
 
@@ -57,7 +57,7 @@ _records_lock = threading.Lock()
 @atexit.register
 def forget_records() -> None:
     """Drop every call record (and the executors it keeps alive) while the interpreter still runs; see
-    `tokenring.runtime.forget_executors`."""
+    `tokenring.runtime.executors.forget_executors`."""
     with _records_lock:
         _records.clear()
         _handles.clear()
@@ -67,7 +67,7 @@ def _plan_key(plan: Optional[Plan]) -> tuple:
     """What a plan was built from: its compared fields but its steps, which those determine.
 
     Hashing or comparing the steps themselves costs more than the rest of a
-    call at a few ranks; `tokenring.plans.build_plan` is a function of these.
+    call at a few ranks; `tokenring.schedules.build.build_plan` is a function of these.
     """
     if plan is None:
         return ()

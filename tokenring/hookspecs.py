@@ -60,7 +60,7 @@ def tokenring_register_schedules(register):
         backward is derived from it). A name already taken or an invalid
         record is refused and reported (``tokenring plan --list`` shows the
         distribution and the reason); the plugin's other registrations count.
-        Every plan a schedule builds is proven by `tokenring.plancheck` before
+        Every plan a schedule builds is proven by `tokenring.proofs.plancheck` before
         it runs, the first time it is built.
 
     Return value: ignored. Every plugin's implementation is called.
@@ -83,9 +83,9 @@ def tokenring_timeline(timeline):
     Implementations run inside the attention call: keep them short (append
     to a file or a list) and do not call collectives.
 
-    :param timeline: a `tokenring.timeline.Timeline`: ``rank``,
+    :param timeline: a `tokenring.runtime.timeline.Timeline`: ``rank``,
         ``world_size``, ``algorithm`` (the schedule's name), ``backward``
-        and ``events``, each a `tokenring.timeline.Event` with ``kind``
+        and ``events``, each a `tokenring.runtime.timeline.Event` with ``kind``
         ("post": the step's messages handed to the Comm; "compute": one block
         kernel; "wait": blocked on the step's messages; "merge": results
         folded into accumulators), ``step``, ``start_s`` and ``end_s`` (seconds

@@ -9,7 +9,7 @@ by the one executor on plans that are proven before they run:
   of the chunk; the extra tokens of an uneven chunk go to the ranks holding
   the fewest), each rank appends its new tokens' keys/values to its shard,
   and the new queries attend causally to every cached token and to each
-  other. That is a masked plan (`tokenring.masked_plans`) whose query
+  other. That is a masked plan (`tokenring.schedules.masked`) whose query
   tokens (the new ones) differ from its key/value tokens (the whole cache):
   `TokenMask.kv_runs`. Any schedule runs it: ``"tokenring"`` (pass-Q: the
   queries travel, partial results go home) or ``"ring"`` (pass-KV: the
@@ -20,7 +20,7 @@ by the one executor on plans that are proven before they run:
   rank runs the model on the new token, so every rank holds its query; the
   token's keys/values go to the rank holding the fewest. Each rank attends
   to its own shard of the cache and the partial results are merged on every
-  rank (`tokenring.replicated`: straight to every rank, or a tree), so each
+  rank (`tokenring.schedules.replicated`: straight to every rank, or a tree), so each
   rank reads 1/N of the cache and the bytes per token do not depend on the
   cache's length. Every rank ends with the exact output.
 
@@ -50,17 +50,17 @@ from typing import Any
 
 import torch
 
-from .executor import Executor
-from .finite import poison_of
-from .groups import resolve_group
-from .interfaces import Channel, Recv, Send
-from .masks import Runs, TokenMask, clear_tables
-from .plan import Plan, ProblemShape
-from .plans import build_masked_plan, build_plan
-from .replicated import decode_plan, default_merge
-from .runtime import open_executor, resolve_backend, timeout_s as default_timeout_s
-from .sequence import rank_and_world_size
-from .traffic import recording
+from tokenring.runtime.executor import Executor
+from tokenring.runtime.finite import poison_of
+from tokenring.runtime.groups import resolve_group
+from tokenring.interfaces import Channel, Recv, Send
+from tokenring.placement.masks import Runs, TokenMask, clear_tables
+from tokenring.plan.model import Plan, ProblemShape
+from tokenring.schedules.build import build_masked_plan, build_plan
+from tokenring.schedules.replicated import decode_plan, default_merge
+from tokenring.runtime.executors import open_executor, resolve_backend, timeout_s as default_timeout_s
+from tokenring.sequence import rank_and_world_size
+from tokenring.plan.traffic import recording
 
 __all__ = ["Chunk", "ShardedKVCache", "attend_with_cache", "choose_prefill_algorithm", "place_chunk"]
 
@@ -202,7 +202,7 @@ class ShardedKVCache:
         capacity = 0 if max_tokens is None else -(-max_tokens // self.world_size) + 2
         self._keys = [self._zeros(capacity) for _ in range(num_layers)]
         self._values = [self._zeros(capacity) for _ in range(num_layers)]
-        # Per layer: NaN once a non-finite key or value was cached (tokenring.finite), so no call re-reads the
+        # Per layer: NaN once a non-finite key or value was cached (tokenring.runtime.finite), so no call re-reads the
         # cache for it.
         self._kv_poison = [torch.zeros((), device=self.device) for _ in range(num_layers)]
         self.last_algorithm: str | None = None             # the schedule of the last prefill attention
@@ -403,7 +403,7 @@ def attend_with_cache(
     ``algorithm`` for a prefill chunk: "tokenring" (pass-Q), "ring"
     (pass-KV), another registered schedule, or "auto"
     (`choose_prefill_algorithm`). Decode always runs the replicated-query
-    plan (`tokenring.replicated`).
+    plan (`tokenring.schedules.replicated`).
     """
     chunk = cache.chunk
     if chunk is None:
@@ -422,7 +422,7 @@ def attend_with_cache(
     scale = float(softmax_scale) if softmax_scale is not None else d ** -0.5
     if timeout_s is None:
         timeout_s = default_timeout_s()
-    # The cache keeps its keys' and values' poison as they enter (tokenring.finite): no call re-reads the
+    # The cache keeps its keys' and values' poison as they enter (tokenring.runtime.finite): no call re-reads the
     # whole cache for it.
     cache._write(layer, k, v)
     executor = cache.executor

@@ -210,7 +210,7 @@ class Comm(abc.ABC):
     device: torch.device
     # Whether a receive completes with a message shorter than its buffer, filling the buffer's start.
     # With it (and host buffers) the agreement gathers once per call signature, not on every call:
-    # a rank whose call changed stops its peers with short markers (tokenring.agreement).
+    # a rank whose call changed stops its peers with short markers (tokenring.runtime.agreement).
     accepts_short_messages: bool = False
 
     def __init__(self) -> None:

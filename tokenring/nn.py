@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .api import token_ring_attn
-from .groups import resolve_group
-from .inference import attend_with_cache
-from .layout import default_layout, parse_layout
-from .sequence import local_positions, rank_and_world_size
+from tokenring.api import token_ring_attn
+from tokenring.runtime.groups import resolve_group
+from tokenring.inference import attend_with_cache
+from tokenring.placement.layout import default_layout, parse_layout
+from tokenring.sequence import local_positions, rank_and_world_size
 
 __all__ = ["TokenRingAttention", "apply_rotary", "token_ring_attention"]
 

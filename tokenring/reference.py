@@ -35,7 +35,7 @@ def reference_attention(
         j = torch.arange(k_len).unsqueeze(0)
         scores = scores.masked_fill(j > i + (k_len - q_len), float("-inf"))
     if cu_seqlens is not None or window is not None:
-        from .masks import full_sequence_mask
+        from tokenring.placement.masks import full_sequence_mask
 
         seq_len = q.shape[1]
         bounds = (0, seq_len) if cu_seqlens is None else tuple(int(b) for b in (

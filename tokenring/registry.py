@@ -35,10 +35,10 @@ from typing import Any, Callable
 
 import pluggy
 
-from . import hookspecs, schedules
-from .interfaces import Backend, BackendError, Probe
-from .layout import Layout
-from .plan import Schedule
+from tokenring import hookspecs, schedules
+from tokenring.interfaces import Backend, BackendError, Probe
+from tokenring.placement.layout import Layout
+from tokenring.plan.model import Schedule
 
 CORE_DISTRIBUTION = "tokenring-attn"
 _REQUIRED_METHODS = ("probe", "create_comm", "create_kernel")

@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .groups import resolve_group
-from .layout import Layout, parse_layout, shard, unshard
+from tokenring.runtime.groups import resolve_group
+from tokenring.placement.layout import Layout, parse_layout, shard, unshard
 
 IGNORE_INDEX = -100  # what torch's cross_entropy and Hugging Face models skip
 

@@ -1,7 +1,7 @@
 """Checking each rank's own arguments before any traffic, without raising and without a device sync.
 
 Every rank checks its arguments here, reading only their metadata; the
-result goes into the cross-rank agreement (`tokenring.agreement`), so a rank
+result goes into the cross-rank agreement (`tokenring.runtime.agreement`), so a rank
 with bad input makes every rank raise, with a message that names the
 argument, the rank and what was expected.
 """
@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from .documents import validate_cu_seqlens
-from .interfaces import Backend
-from .layout import Layout, parse_layout
-from .plans import parse_algorithm
+from tokenring.placement.documents import validate_cu_seqlens
+from tokenring.interfaces import Backend
+from tokenring.placement.layout import Layout, parse_layout
+from tokenring.schedules.build import parse_algorithm
 
 
 def _describe(t: Any) -> str:
@@ -104,7 +104,7 @@ def plan_problem(plan: Any, q: torch.Tensor, k: torch.Tensor) -> str | None:
 
 def _non_finite_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     # Opt-in: reading values waits for the device. By default non-finite inputs
-    # come out as NaN instead (tokenring.finite), which costs no sync.
+    # come out as NaN instead (tokenring.runtime.finite), which costs no sync.
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not bool(torch.isfinite(t).all()):
             return f"argument '{name}': expected finite values, got NaN or infinity"

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from tokenring.kit import RollCall, all_gather_bytes, transport_errors, transport_message, wait_works
 from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle
-from tokenring.runtime import timeout_s as default_timeout_s
+from tokenring.runtime.executors import timeout_s as default_timeout_s
 
 _CHANNEL_TAGS = {Channel.QUERY: 0, Channel.PARTIAL: 1}
 

@@ -13,7 +13,7 @@ import torch
 
 from tokenring.kit import HeadGroups, lse_for_backward, no_gradients, nothing_seen
 from tokenring.interfaces import AttentionKernel, Mask, PositionMask, accumulation_dtype
-from tokenring.masks import dense_allowed
+from tokenring.placement.masks import dense_allowed
 
 _forward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward

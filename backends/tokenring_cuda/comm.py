@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from tokenring.kit import RollCall, all_gather_bytes, is_timeout, transport_errors, transport_message, wait_works
 from tokenring.interfaces import BackendError, Channel, Comm, CommTimeout, Handle, TokenRingError
-from tokenring.runtime import timeout_s as default_timeout_s
+from tokenring.runtime.executors import timeout_s as default_timeout_s
 
 BLOCKING_WAIT_ENV = "TOKENRING_CUDA_BLOCKING_WAIT"
 

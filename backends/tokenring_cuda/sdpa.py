@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from tokenring.interfaces import AttentionKernel, Mask, PositionMask, accumulation_dtype
-from tokenring.masks import dense_allowed
+from tokenring.placement.masks import dense_allowed
 
 from tokenring.kit import HeadGroups, lse_for_backward, no_gradients, nothing_seen
 

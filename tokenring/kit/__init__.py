@@ -40,9 +40,9 @@ The kit depends only on the core's interfaces (`tokenring.interfaces`);
 `tests/test_layers.py` checks that.
 """
 
-from ..interfaces import accumulation_dtype
-from .comms import RollCall, all_gather_bytes, is_timeout, transport_errors, transport_message, wait_work, wait_works
-from .kernels import HeadGroups, lse_for_backward, no_gradients, nothing_seen, unit_stride
+from tokenring.interfaces import accumulation_dtype
+from tokenring.kit.comms import RollCall, all_gather_bytes, is_timeout, transport_errors, transport_message, wait_work, wait_works
+from tokenring.kit.kernels import HeadGroups, lse_for_backward, no_gradients, nothing_seen, unit_stride
 
 __all__ = [
     "HeadGroups",

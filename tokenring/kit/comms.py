@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from ..interfaces import CommTimeout, TokenRingError
+from tokenring.interfaces import CommTimeout, TokenRingError
 
 _BUILD_PATH = re.compile(r"\[[^\[\]]*\.(?:cc|cpp|cu|c|h|hpp):\d+\]\s*")
 

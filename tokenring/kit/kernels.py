@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..interfaces import accumulation_dtype
+from tokenring.interfaces import accumulation_dtype
 
 
 def unit_stride(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Every module here that implements ``tokenring_register_schedules`` is found
 by scanning this package (`tokenring.registry`) and registers through the
 same pluggy hook a third-party plugin uses. Adding a schedule is adding one
-such module and its tests; `tokenring.plans` builds and proves the plans.
+such module and its tests; `tokenring.schedules.build` builds and proves the plans.
 This package imports nothing itself, so the registry can scan it without a
 cycle.
 """

@@ -11,9 +11,9 @@ import dataclasses
 import operator
 from collections import Counter
 
-from ..interfaces import Mask
-from ..layout import Layout
-from ..plan import Block, Payload, ProblemShape, Span, Step, Transfer, visible_block
+from tokenring.interfaces import Mask
+from tokenring.placement.layout import Layout
+from tokenring.plan.model import Block, Payload, ProblemShape, Span, Step, Transfer, visible_block
 
 # A nominal MHA problem, used only to compare the two directions of travel;
 # for the plans built here the choice does not depend on it.

@@ -14,12 +14,12 @@ these only tie with the one-ring forms at best.
 
 from __future__ import annotations
 
-from ..hookspecs import hookimpl
-from ..layout import Layout
-from ..plan import Plan, Schedule, Span
-from .hops import hide_tail
-from .rings import directed_rings
-from .routes import Route, ring_successors, route_steps
+from tokenring.hookspecs import hookimpl
+from tokenring.placement.layout import Layout
+from tokenring.plan.model import Plan, Schedule, Span
+from tokenring.schedules.hops import hide_tail
+from tokenring.schedules.rings import directed_rings
+from tokenring.schedules.routes import Route, ring_successors, route_steps
 
 
 def ring_count(n: int) -> int:

@@ -2,15 +2,15 @@
 
 Each owner's keys/values move one hop per step; every holder computes its
 own queries against them and merges the result locally. In the backward the
-dK/dV sums follow the keys/values home (`tokenring.backward`).
+dK/dV sums follow the keys/values home (`tokenring.plan.backward`).
 """
 
 from __future__ import annotations
 
-from ..hookspecs import hookimpl
-from ..layout import Layout
-from ..plan import Plan, Schedule
-from .hops import cheaper_direction, direction_note
+from tokenring.hookspecs import hookimpl
+from tokenring.placement.layout import Layout
+from tokenring.plan.model import Plan, Schedule
+from tokenring.schedules.hops import cheaper_direction, direction_note
 
 NAME = "ring"
 

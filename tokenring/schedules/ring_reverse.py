@@ -10,10 +10,10 @@ pass every earlier rank first.
 
 from __future__ import annotations
 
-from ..hookspecs import hookimpl
-from ..layout import Layout
-from ..plan import Plan, Schedule
-from .hops import one_hop_steps
+from tokenring.hookspecs import hookimpl
+from tokenring.placement.layout import Layout
+from tokenring.plan.model import Plan, Schedule
+from tokenring.schedules.hops import one_hop_steps
 
 NAME = "ring-reverse"
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..layout import Layout
-from ..plan import ALL, Block, Payload, Span, Step, Transfer
-from .hops import hull, visibility
+from tokenring.placement.layout import Layout
+from tokenring.plan.model import ALL, Block, Payload, Span, Step, Transfer
+from tokenring.schedules.hops import hull, visibility
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,10 @@ each owner's own block fills the final step (`hops.hide_tail`).
 
 from __future__ import annotations
 
-from ..hookspecs import hookimpl
-from ..layout import Layout
-from ..plan import Plan, Schedule
-from .hops import cheaper_direction, direction_note, hide_tail
+from tokenring.hookspecs import hookimpl
+from tokenring.placement.layout import Layout
+from tokenring.plan.model import Plan, Schedule
+from tokenring.schedules.hops import cheaper_direction, direction_note, hide_tail
 
 NAME = "tokenring"
 

@@ -12,11 +12,11 @@ schedule wins and why").
 
 from __future__ import annotations
 
-from ..hookspecs import hookimpl
-from ..layout import Layout
-from ..plan import Plan, Schedule
-from .hops import hide_tail
-from .routes import route_steps, two_way_routes
+from tokenring.hookspecs import hookimpl
+from tokenring.placement.layout import Layout
+from tokenring.plan.model import Plan, Schedule
+from tokenring.schedules.hops import hide_tail
+from tokenring.schedules.routes import route_steps, two_way_routes
 
 
 def build_queries(layout: Layout, causal: bool, world_size: int) -> Plan:

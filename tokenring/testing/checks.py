@@ -6,11 +6,11 @@ every backend to exactly the same standard.
 
 from __future__ import annotations
 
-from ..interfaces import LinkTraffic, accumulation_dtype
-from ..tools.launch import LocalWorld
-from ..plan import sum_by_link
-from ..tools.problems import GRAD_TOLERANCE, TOLERANCE, Problem, relative_error
-from ..tools.tasks import from_bytes
+from tokenring.interfaces import LinkTraffic, accumulation_dtype
+from tokenring.tools.launch import LocalWorld
+from tokenring.plan.model import sum_by_link
+from tokenring.tools.problems import GRAD_TOLERANCE, TOLERANCE, Problem, relative_error
+from tokenring.tools.tasks import from_bytes
 
 
 def _gathered(results: list[dict], name: str, problem: Problem, dim: int = 1):

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ..interfaces import Channel, Comm, Recv, Send
+from tokenring.interfaces import Channel, Comm, Recv, Send
 
 _COMMS: dict[str, Comm] = {}
 
@@ -20,7 +20,7 @@ _COMMS: dict[str, Comm] = {}
 def _comm(backend_name: str) -> Comm:
     # A Comm may own communicators or streams: build one per process, not per task.
     if backend_name not in _COMMS:
-        from ..registry import registry
+        from tokenring.registry import registry
 
         _COMMS[backend_name] = registry.get(backend_name).create_comm(None)
     return _COMMS[backend_name]
@@ -140,7 +140,7 @@ def peer_dies_after_posting(rank: int, world_size: int, backend_name: str, victi
     import os
     import signal
 
-    from ..interfaces import TokenRingError
+    from tokenring.interfaces import TokenRingError
 
     comm = _comm(backend_name)
     following, preceding = (rank + 1) % world_size, (rank - 1) % world_size

@@ -13,8 +13,8 @@ import time
 
 import tokenring
 
-from ..tools.problems import Problem
-from ..tools.tasks import rank_grad_output, rank_inputs
+from tokenring.tools.problems import Problem
+from tokenring.tools.tasks import rank_grad_output, rank_inputs
 
 FAULTS = ("killed-before-first-call", "killed-between-calls", "killed-mid-forward", "killed-mid-backward",
           "never-calls", "slow")
@@ -26,7 +26,7 @@ def _die() -> None:
 
 def _die_at_block(method: str, block: int) -> None:
     """Make this process die inside its ``block``-th kernel call of ``method`` ("forward" or "backward")."""
-    from ..registry import registry
+    from tokenring.registry import registry
 
     kernel_type = type(registry.get("cpu").create_kernel())
     original = getattr(kernel_type, method)

@@ -63,7 +63,7 @@ def decode_benchmark(rank: int, world_size: int, cache_len: int, steps: int, q_h
 
     from tokenring.inference import attend_with_cache
     from tokenring.tools.tasks import peak_memory
-    from tokenring.traffic import record_traffic
+    from tokenring.plan.traffic import record_traffic
 
     torch_dtype = DTYPES[dtype]
     warmup = 2
@@ -94,7 +94,7 @@ def prefill_benchmark(rank: int, world_size: int, cache_len: int, chunk_len: int
     import time
 
     from tokenring.inference import attend_with_cache
-    from tokenring.traffic import record_traffic
+    from tokenring.plan.traffic import record_traffic
 
     torch_dtype = DTYPES[dtype]
     times, sent_bytes = [], 0
@@ -126,7 +126,7 @@ def prefill_planning_share(rank: int, world_size: int, cache_len: int, chunk_len
     import time
 
     from tokenring import inference
-    from tokenring.executor import Executor
+    from tokenring.runtime.executor import Executor
 
     seconds = {"plan": 0.0}
 

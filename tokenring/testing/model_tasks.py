@@ -190,7 +190,7 @@ class AttentionModuleCase:
 
     @property
     def resolved_layout(self) -> str:
-        return tokenring.layout.default_layout(self.causal) if self.layout is None else self.layout
+        return tokenring.placement.layout.default_layout(self.causal) if self.layout is None else self.layout
 
     def module(self) -> "torch.nn.Module":
         from tokenring.nn import TokenRingAttention

@@ -42,8 +42,8 @@ import random
 
 import pytest
 
-from ..interfaces import Backend, BackendError
-from ..tools.launch import LocalWorld
+from tokenring.interfaces import Backend, BackendError
+from tokenring.tools.launch import LocalWorld
 
 DEFAULT_WORLD_SIZES = (1, 2, 3, 4)
 # The module whose tests get SUITE_WARNING_FILTERS (not imported here: it is collected, or imported by a test module).
@@ -123,7 +123,7 @@ def tokenring_backend_name(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def tokenring_backend(tokenring_backend_name: str) -> Backend:
-    from ..registry import registry
+    from tokenring.registry import registry
 
     try:
         return registry.get(tokenring_backend_name)

@@ -4,7 +4,7 @@ They live in `tokenring.tools.problems`, since the tools use them too; this
 module keeps the names the conformance suite and third-party plugins import.
 """
 
-from ..tools.problems import (  # noqa: F401  (re-exported)
+from tokenring.tools.problems import (  # noqa: F401  (re-exported)
     DTYPES,
     GRAD_TOLERANCE,
     GRADIENTS,

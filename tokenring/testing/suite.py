@@ -32,13 +32,13 @@ import time
 import pytest
 import torch
 
-from ..interfaces import AttentionKernel, Backend, LinkTraffic, Mask, accumulation_dtype
-from ..plan import sum_by_link
-from ..plans import schedule_names
-from ..reference import reference_attention
-from .checks import assert_all_ranks_fail, check_attention, check_gradients
-from ..tools.problems import fitting_seq_local
-from .problems import DTYPES, GRAD_TOLERANCE, TOLERANCE, Problem, relative_error
+from tokenring.interfaces import AttentionKernel, Backend, LinkTraffic, Mask, accumulation_dtype
+from tokenring.plan.model import sum_by_link
+from tokenring.schedules.build import schedule_names
+from tokenring.reference import reference_attention
+from tokenring.testing.checks import assert_all_ranks_fail, check_attention, check_gradients
+from tokenring.tools.problems import fitting_seq_local
+from tokenring.testing.problems import DTYPES, GRAD_TOLERANCE, TOLERANCE, Problem, relative_error
 
 __all__ = ["TestKernelContract", "TestCommContract", "TestEndToEnd", "TestBadInput"]
 

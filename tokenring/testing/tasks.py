@@ -19,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenring
 
-from ..tools.problems import Problem
-from ..tools.tasks import (  # noqa: F401  (re-exported: public names of this module)
+from tokenring.tools.problems import Problem
+from tokenring.tools.tasks import (  # noqa: F401  (re-exported: public names of this module)
     attention,
     attention_with_grads,
     from_bytes,
@@ -88,8 +88,8 @@ def _environment(name: str, value: str | None):
 
 
 def agreement_counts(rank: int, world_size: int, backend: str | None = None) -> dict:
-    """The agreement's counters of this rank's default-group executor (tokenring.agreement.Agreement)."""
-    from ..runtime import executors
+    """The agreement's counters of this rank's default-group executor (tokenring.runtime.agreement.Agreement)."""
+    from tokenring.runtime.executors import executors
 
     agreement = next(e.agreement for (name, group), e in executors().items()
                      if group is None and (backend is None or name == backend))
@@ -176,7 +176,7 @@ def double_backward(rank: int, world_size: int, problem: Problem) -> str:
 
 def pool_bytes_after_calls(rank: int, world_size: int, problem: Problem, calls: int) -> dict:
     """Bytes the executor keeps for reuse after ``calls`` forward+backward calls, and the shard's bytes."""
-    from tokenring.runtime import executors
+    from tokenring.runtime.executors import executors
 
     for _ in range(calls):
         q, k, v = (t.requires_grad_() for t in rank_inputs(problem, rank, world_size))
@@ -223,7 +223,7 @@ def count_ops():
 
 
 def _operator_bodies() -> dict:
-    from .. import compiled
+    from tokenring import compiled
 
     operators = (compiled.agree_op, compiled.attention_op, compiled.attention_backward_op)
     return {f"{op._namespace}.{op._name}.default": op._init_fn for op in operators}
@@ -267,8 +267,8 @@ def executor_steady_state_ops(comm, kernel, rank: int, world_size: int, problem:
     a second forward and backward. For a backend's CPU-testable parts (the
     CUDA and NPU Comms over gloo, say) without going through the API.
     """
-    from ..executor import Executor
-    from ..plans import build_plan
+    from tokenring.runtime.executor import Executor
+    from tokenring.schedules.build import build_plan
 
     executor = Executor(comm, kernel)
     layout = problem.resolved_layout

@@ -2,7 +2,7 @@
 
 Implementations (``--impl``, default all):
 
-* every registered schedule (`tokenring.plans.schedule_names`), through
+* every registered schedule (`tokenring.schedules.build.schedule_names`), through
   `token_ring_attn` with that ``algorithm``: ``tokenring`` (queries travel),
   ``ring`` (K and V travel), ...;
 * ``torch-ring``: torch's own ring-attention engine, the internal
@@ -14,7 +14,7 @@ Implementations (``--impl``, default all):
 * ``sdpa``: the same CPU operator on the whole sequence in one process with as
   many threads as all ranks together: the limit a parallel run is compared with;
 * ``auto`` (only when named): ``algorithm="auto"``, the schedule the planner
-  (`tokenring.planner.choose`) predicts fastest on the workers' profile
+  (`tokenring.planner.choose.choose`) predicts fastest on the workers' profile
   (``--profile FILE`` sets ``TOKENRING_PROFILE`` for them); the row names what
   it ran, e.g. ``auto (ring)``, or ``auto (tokenring / ring)`` when the
   forward-only and the forward+backward calls chose differently.
@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .table import format_table
+from tokenring.tools.table import format_table
 
 OTHER_IMPLEMENTATIONS = ("torch-ring", "sdpa")  # beside the engine's schedules
 AUTO = "auto"  # algorithm="auto": runs through the engine; not in the default --impl list
@@ -56,7 +56,7 @@ AUTO = "auto"  # algorithm="auto": runs through the engine; not in the default -
 
 def engine_names() -> tuple[str, ...]:
     """The implementations that run through `token_ring_attn`: one per registered schedule."""
-    from ..plans import schedule_names
+    from tokenring.schedules.build import schedule_names
 
     return schedule_names()
 
@@ -72,14 +72,14 @@ def runs_on_engine(impl: str) -> bool:
 
 
 def resolve_auto(case: "Case", world_size: int, needs_grad: bool) -> str:
-    """The schedule ``case.impl`` stands for: itself, or what `tokenring.planner.choose` picks for the call.
+    """The schedule ``case.impl`` stands for: itself, or what `tokenring.planner.choose.choose` picks for the call.
 
     The profile is the planner's default (``TOKENRING_PROFILE``, which
     ``--profile`` sets for the workers).
     """
     if case.impl != AUTO:
         return case.impl
-    from ..planner import choose
+    from tokenring.planner.choose import choose
 
     problem = case.problem()
     return choose(problem.shape(world_size), case.causal, problem.resolved_layout, world_size, needs_grad).algorithm
@@ -94,7 +94,7 @@ def join_network(rank: int, world_size: int, settings: list[dict], timeout_s: fl
     """Enter this rank's namespace and make the gloo group that talks over the emulated links."""
     import torch.distributed as dist
 
-    from .netem import enter_namespace
+    from tokenring.tools.netem import enter_namespace
 
     global _GROUP
     mine = settings[rank]
@@ -120,7 +120,7 @@ class Case:
     warmup: int
 
     def problem(self):
-        from .problems import Problem
+        from tokenring.tools.problems import Problem
 
         algorithm = self.impl if runs_on_engine(self.impl) else "tokenring"
         return Problem(
@@ -139,7 +139,7 @@ class _NullKernel:
     def forward(self, q, k, v, *, scale, mask):
         import torch
 
-        from ..interfaces import accumulation_dtype
+        from tokenring.interfaces import accumulation_dtype
 
         lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1], dtype=accumulation_dtype(q.dtype))
         return q.new_zeros(*q.shape[:3], v.shape[-1]), lse
@@ -206,8 +206,8 @@ def measure(rank: int, world_size: int, case: Case, timeout_s: float) -> dict:
 
     import tokenring
 
-    from .. import timeline
-    from .tasks import from_bytes, peak_memory, to_bytes
+    from tokenring.runtime import timeline
+    from tokenring.tools.tasks import from_bytes, peak_memory, to_bytes
 
     problem = case.problem()
     layout = problem.resolved_layout
@@ -317,10 +317,10 @@ def _comm_alone(case: Case, q, k, v, dout, timeout_s: float) -> dict:
     """Median seconds the forward and the backward plan take with a kernel that computes nothing."""
     import torch.distributed as dist
 
-    from .. import timeline
-    from ..executor import Executor
-    from ..plans import build_plan
-    from ..registry import registry
+    from tokenring.runtime import timeline
+    from tokenring.runtime.executor import Executor
+    from tokenring.schedules.build import build_plan
+    from tokenring.registry import registry
 
     executor = Executor(registry.get("cpu").create_comm(_GROUP), _NullKernel())
     layout = case.problem().resolved_layout
@@ -357,7 +357,7 @@ def single_process(case: Case, threads: int) -> dict:
     """The ``sdpa`` limit: the whole sequence in this process with ``threads`` threads."""
     import torch
 
-    from .tasks import peak_memory
+    from tokenring.tools.tasks import peak_memory
 
     problem = case.problem()
     if case.heads != case.kv_heads:
@@ -397,7 +397,7 @@ def single_process(case: Case, threads: int) -> dict:
 
 def single_process_task(rank: int, world_size: int, case: Case, threads: int) -> dict:
     """`single_process` in a fresh process of its own, so its memory rise is its own; tensors as bytes."""
-    from .tasks import to_bytes
+    from tokenring.tools.tasks import to_bytes
 
     result = single_process(case, threads)
     result["outputs"] = {name: to_bytes(t) for name, t in result["outputs"].items()}
@@ -437,7 +437,7 @@ def reference(case: Case, rows: int = 1024) -> dict:
 
 
 def _rel_err(got, want) -> float:
-    from .problems import relative_error
+    from tokenring.tools.problems import relative_error
 
     return relative_error(got, want)
 
@@ -447,7 +447,7 @@ def _rel_err(got, want) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` subcommand's options to ``parser`` (check them with `validate_arguments`)."""
-    from .options import (
+    from tokenring.tools.options import (
         comma_separated,
         non_negative_float,
         non_negative_int,
@@ -528,7 +528,7 @@ def validate_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace
     The problem itself is checked by the same code as ``tokenring run``'s
     (`tokenring.tools.options.check_problem`); ``args.impl`` becomes a list.
     """
-    from .options import check_problem
+    from tokenring.tools.options import check_problem
 
     known = (*implementation_names(), AUTO)
     impls = [name.strip() for name in args.impl.split(",") if name.strip()]
@@ -601,7 +601,7 @@ def open_network(kind: str, world_size: int, link_gbps: float, latency_us: float
     """
     if kind == "loopback":
         return None, None
-    from .netem import Network, NetworkUnavailable
+    from tokenring.tools.netem import Network, NetworkUnavailable
 
     network = Network(kind, world_size, link_gbps, latency_us)
     try:
@@ -616,8 +616,8 @@ def open_network(kind: str, world_size: int, link_gbps: float, latency_us: float
 
 
 def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
-    from .launch import LocalWorld
-    from .tasks import from_bytes
+    from tokenring.tools.launch import LocalWorld
+    from tokenring.tools.tasks import from_bytes
 
     base = Case(impl="tokenring", seed=args.seed, batch=args.batch, seq_len=args.seq_len[0], heads=args.heads,
                 kv_heads=kv_heads, head_dim=args.head_dim, dtype=args.dtype, causal=args.causal,
@@ -672,9 +672,9 @@ def _run_all(args, impls, n, kv_heads, threads, network, rates) -> list[dict]:
 
 
 def _row(case: Case, network: str, rate, n: int, threads: int, measured, want: dict, limit: dict | None = None) -> dict:
-    from .. import unshard
-    from .problems import GRAD_TOLERANCE
-    from .tasks import from_bytes
+    from tokenring import unshard
+    from tokenring.tools.problems import GRAD_TOLERANCE
+    from tokenring.tools.tasks import from_bytes
 
     problem = case.problem()
     if case.impl == "sdpa":

@@ -29,8 +29,8 @@ median over ``--rounds``:
   per block beyond the kernel is a tiny ``token_ring_attn`` ring call's time
   over its blocks: ``compute.call_overhead_s``.
 
-The profile (`tokenring.topology.save_profile`; schema in docs/planner.md)
-goes to ``--output`` (default `tokenring.topology.default_profile_path`),
+The profile (`tokenring.planner.topology.save_profile`; schema in docs/planner.md)
+goes to ``--output`` (default `tokenring.planner.topology.default_profile_path`),
 with every raw figure under its ``measured`` field; a summary is printed.
 `calibrate` is the same from Python, on a world the caller started.
 """
@@ -49,7 +49,7 @@ from typing import Any
 
 
 def _group():
-    from . import benchmark
+    from tokenring.tools import benchmark
 
     return benchmark._GROUP  # the emulated links' group after join_network; None: the world group
 
@@ -197,9 +197,9 @@ def kernel_probe(rank: int, world_size: int, spec: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    from ..interfaces import Mask
-    from ..registry import registry
-    from .problems import DTYPES
+    from tokenring.interfaces import Mask
+    from tokenring.registry import registry
+    from tokenring.tools.problems import DTYPES
 
     kernel = registry.get(spec["backend"]).create_kernel()
     dtype = DTYPES[spec["dtype"]]
@@ -247,7 +247,7 @@ def _engine_call(rank: int, spec: dict, algorithm: str, rows: int) -> dict:
 
     import tokenring
 
-    from .problems import DTYPES
+    from tokenring.tools.problems import DTYPES
 
     dtype = DTYPES[spec["dtype"]]
     gen = torch.Generator().manual_seed(rank)
@@ -338,7 +338,7 @@ MANY_MESSAGES = "tokenring-multi"  # the registered schedule with the most messa
 
 def _engine_schedules(n: int) -> dict[str, int]:
     """The tiny engine calls to time: the ring, and a schedule with many messages per block, with rows per rank."""
-    from ..plans import build_plan, schedule_names
+    from tokenring.schedules.build import build_plan, schedule_names
 
     calls = {"ring": 16}
     if n > 1 and MANY_MESSAGES in schedule_names():
@@ -349,7 +349,7 @@ def _engine_schedules(n: int) -> dict[str, int]:
 
 def _plan_counts(name: str, n: int, rank: int = 0) -> tuple[int, int, int]:
     """A forward plan's blocks of ``rank``, messages it sends or receives, and steps in which it has any."""
-    from ..plans import build_plan
+    from tokenring.schedules.build import build_plan
 
     plan = build_plan(name, "contiguous", False, n)
     blocks = sum(1 for step in plan.steps for b in step.blocks if b.rank == rank)
@@ -384,8 +384,8 @@ def engine_overheads(calls: dict, n: int, latency: float) -> tuple[float, float]
 
 def profile_from_measurements(raw: dict, world_size: int, *, kind: str | None = None, name: str = ""):
     """The `Topology` the raw figures of `calibrate` describe (see the module's docstring for the rules)."""
-    from ..topology import BACKWARD_FLOP_RATIO, Compute, KernelRate, Link, Topology
-    from ..simulate import FORWARD_FLOPS_PER_ENTRY
+    from tokenring.planner.topology import BACKWARD_FLOP_RATIO, Compute, KernelRate, Link, Topology
+    from tokenring.planner.simulate import FORWARD_FLOPS_PER_ENTRY
 
     n = world_size
     comm = raw.get("comm")
@@ -469,7 +469,7 @@ def summary(topology, raw: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .options import non_negative_float, positive_float, positive_int
+    from tokenring.tools.options import non_negative_float, positive_float, positive_int
 
     parser.add_argument("--world-size", type=positive_int, default=4, help="ranks (default: %(default)s)")
     parser.add_argument("--backend", default="cpu", help="backend whose kernel to time (default: %(default)s)")
@@ -519,10 +519,10 @@ def validate_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def command(args: argparse.Namespace) -> int:
-    from ..registry import registry
-    from ..topology import default_profile_path
-    from . import benchmark
-    from .launch import LocalWorld
+    from tokenring.registry import registry
+    from tokenring.planner.topology import default_profile_path
+    from tokenring.tools import benchmark
+    from tokenring.tools.launch import LocalWorld
 
     registry.get(args.backend)  # fail fast when the backend cannot run here
     n = args.world_size
@@ -565,8 +565,8 @@ def _write_measured(path, raw: dict) -> None:
 
 
 def save(topology, raw: dict, path) -> None:
-    """`tokenring.topology.save_profile`, with ``raw`` under ``measured``."""
-    from ..topology import save_profile
+    """`tokenring.planner.topology.save_profile`, with ``raw`` under ``measured``."""
+    from tokenring.planner.topology import save_profile
 
     save_profile(topology, path)
     _write_measured(path, raw)

@@ -19,7 +19,7 @@ import secrets
 import sys
 from typing import Any, Sequence
 
-from .table import format_table
+from tokenring.tools.table import format_table
 
 # Multi-rank runs execute in spawned workers that re-import the main module;
 # this module therefore does nothing at import time beyond definitions.
@@ -42,8 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:
         # argparse has printed the usage and the error naming the flag (or the help).
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
-    from ..interfaces import BackendError, InputError
-    from .launch import WorkerError
+    from tokenring.interfaces import BackendError, InputError
+    from tokenring.tools.launch import WorkerError
 
     try:
         return args.handler(args)
@@ -69,9 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser, and each command's subparser (whose usage goes with its errors)."""
-    from ..plans import schedule_names
-    from . import benchmark, calibrate, conformance, plan_command
-    from .options import positive_float, positive_int
+    from tokenring.schedules.build import schedule_names
+    from tokenring.tools import benchmark, calibrate, conformance, plan_command
+    from tokenring.tools.options import positive_float, positive_int
 
     parser = argparse.ArgumentParser(
         prog="tokenring", description="TokenRing: exact sequence-parallel attention."
@@ -164,7 +164,7 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
 
 def _validate_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible problems before starting any process."""
-    from .options import check_problem
+    from tokenring.tools.options import check_problem
 
     check_problem(parser, args, seq_lens=[args.seq_len], layout=args.layout)
     if args.seed is None:
@@ -172,19 +172,19 @@ def _validate_run_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def _validate_bench_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from . import benchmark
+    from tokenring.tools import benchmark
 
     benchmark.validate_arguments(parser, args)
 
 
 def _validate_plan_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from . import plan_command
+    from tokenring.tools import plan_command
 
     plan_command.validate(parser, args)
 
 
 def _validate_calibrate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from . import calibrate
+    from tokenring.tools import calibrate
 
     calibrate.validate_arguments(parser, args)
 
@@ -209,7 +209,7 @@ def _user_error_of(exc: Any) -> str | None:
 
 
 def _backends_command(args: argparse.Namespace) -> int:
-    from ..registry import registry
+    from tokenring.registry import registry
 
     entries = registry.entries()
     if args.json:
@@ -237,13 +237,13 @@ def _backends_command(args: argparse.Namespace) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import __version__, unshard
-    from .launch import LocalWorld
-    from ..interfaces import LinkTraffic
-    from ..plan import sum_by_link
-    from ..registry import registry
-    from .problems import GRAD_TOLERANCE, GRADIENTS, TOLERANCE, Problem, relative_error
-    from .tasks import from_bytes
+    from tokenring import __version__, unshard
+    from tokenring.tools.launch import LocalWorld
+    from tokenring.interfaces import LinkTraffic
+    from tokenring.plan.model import sum_by_link
+    from tokenring.registry import registry
+    from tokenring.tools.problems import GRAD_TOLERANCE, GRADIENTS, TOLERANCE, Problem, relative_error
+    from tokenring.tools.tasks import from_bytes
 
     # Fail fast, before starting processes, when the backend cannot run here.
     registry.get(args.backend)
@@ -367,7 +367,7 @@ def _link_list(totals: dict[tuple[int, int, int], int]) -> list[dict[str, int]]:
 
 
 def _auto_choice(problem, world_size: int, needs_grad: bool) -> str | None:
-    from ..planner import AUTO, choose
+    from tokenring.planner.choose import AUTO, choose
 
     if problem.algorithm != AUTO:
         return None

@@ -23,7 +23,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from ..runtime import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
+from tokenring.runtime.executors import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _worker_main(rank, world_size, backend, tokenring_backend, init_file, thread
         torch.set_num_threads(threads)
     try:
         if tokenring_backend is not None:
-            from ..registry import registry
+            from tokenring.registry import registry
 
             registry.get(tokenring_backend).prepare_process(rank)
         dist.init_process_group(
@@ -133,7 +133,7 @@ class LocalWorld:
             if tokenring_backend is None:
                 backend = "gloo"
             else:
-                from ..registry import registry
+                from tokenring.registry import registry
 
                 backend = registry.get(tokenring_backend).distributed_backend
         self.world_size = world_size

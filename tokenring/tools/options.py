@@ -14,7 +14,7 @@ import math
 import os
 from typing import Callable, Sequence
 
-from ..layout import chunks_per_rank, default_layout
+from tokenring.placement.layout import chunks_per_rank, default_layout
 
 
 def _number(convert: Callable[[str], float], expected: str, accept: Callable[[float], bool], name: str):

@@ -9,9 +9,9 @@ problem given by --seq-len, --heads, --kv-heads, --head-dim and --dtype.
 
 ``tokenring plan --simulate --topology T [--link-gbps G] [--latency-us U]``
 (or ``--profile FILE``; with neither, the default profile, see
-`tokenring.topology.default_profile_path`) predicts every schedule's forward
+`tokenring.planner.topology.default_profile_path`) predicts every schedule's forward
 and forward + backward time for that problem on that interconnect
-(`tokenring.simulate`), with the share of communication hidden behind
+(`tokenring.planner.simulate`), with the share of communication hidden behind
 compute, and names the fastest. T is ``fullmesh``, ``switch``, ``ring`` (of
 --world-size devices) or ``NODESxDEVICES[:fullmesh|:switch][:device-nic|:node-nic]``.
 """
@@ -23,13 +23,13 @@ import json
 import math
 import sys
 
-from .options import non_negative_float, positive_float, positive_int
+from tokenring.tools.options import non_negative_float, positive_float, positive_int
 
 _ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..plans import schedule_names
+    from tokenring.schedules.build import schedule_names
 
     parser.add_argument("--list", action="store_true", help="list the registered schedules")
     parser.add_argument("--algorithm", choices=schedule_names(), default="tokenring",
@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from ..layout import chunks_per_rank, default_layout, parse_layout
+    from tokenring.placement.layout import chunks_per_rank, default_layout, parse_layout
 
     if args.list:
         return
@@ -99,9 +99,9 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from ..layout import chunks_per_rank, default_layout
-    from ..registry import registry
-    from ..plans import build_plan
+    from tokenring.placement.layout import chunks_per_rank, default_layout
+    from tokenring.registry import registry
+    from tokenring.schedules.build import build_plan
 
     if args.list:
         entries = registry.schedule_entries()
@@ -129,7 +129,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def _shape(args: argparse.Namespace):
-    from ..plan import ProblemShape
+    from tokenring.plan.model import ProblemShape
 
     return ProblemShape(
         batch=args.batch, seq_local=args.seq_len // args.world_size, q_heads=args.heads,
@@ -142,7 +142,7 @@ def _topology(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """The profile to simulate on: --profile, --topology with the link options, or the default profile."""
     import dataclasses
 
-    from .. import topology
+    from tokenring.planner import topology
 
     if args.profile is not None and args.topology is not None:
         parser.error("argument --profile: give --profile or --topology, not both")
@@ -168,7 +168,7 @@ def _topology(parser: argparse.ArgumentParser, args: argparse.Namespace):
 
 
 def _simulate(args: argparse.Namespace, shape, layout: str) -> int:
-    from ..simulate import predict_all
+    from tokenring.planner.simulate import predict_all
 
     model = args.topology_model
     comparison = predict_all(shape, model, args.causal, layout)

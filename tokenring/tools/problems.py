@@ -7,11 +7,11 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ..interfaces import LinkTraffic, accumulation_dtype
-from ..layout import default_layout
-from ..plan import ProblemShape
-from ..plans import build_plan
-from ..reference import reference_attention
+from tokenring.interfaces import LinkTraffic, accumulation_dtype
+from tokenring.placement.layout import default_layout
+from tokenring.plan.model import ProblemShape
+from tokenring.schedules.build import build_plan
+from tokenring.reference import reference_attention
 
 DTYPES = {
     "float32": torch.float32,
@@ -94,18 +94,18 @@ class Problem:
         return extra
 
     def shard(self, x: torch.Tensor, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
-        from ..layout import shard
+        from tokenring.placement.layout import shard
 
         return shard(x, rank, world_size, layout=self.resolved_layout, dim=dim, cu_seqlens=self.cu_seqlens)
 
     def unshard(self, parts, dim: int = 1) -> torch.Tensor:
-        from ..layout import unshard
+        from tokenring.placement.layout import unshard
 
         return unshard(parts, layout=self.resolved_layout, dim=dim, cu_seqlens=self.cu_seqlens)
 
     def resolved_algorithm(self, world_size: int, needs_grad: bool = False) -> str:
         """The schedule token_ring_attn runs: ``algorithm``, or what "auto" chooses on this machine's profile."""
-        from ..planner import AUTO, choose
+        from tokenring.planner.choose import AUTO, choose
 
         if self.algorithm != AUTO:
             return self.algorithm
@@ -120,8 +120,8 @@ class Problem:
         algorithm = self.resolved_algorithm(world_size, needs_grad=backward if needs_grad is None else needs_grad)
         if self.cu_seqlens is None and self.window is None:
             return build_plan(algorithm, self.resolved_layout, self.causal, world_size, backward=backward)
-        from ..masks import token_mask_for_call
-        from ..plans import build_masked_plan
+        from tokenring.placement.masks import token_mask_for_call
+        from tokenring.schedules.build import build_masked_plan
 
         window = None if self.window in (None, (-1, -1)) else tuple(self.window)
         tokens = token_mask_for_call(self.seq_len, world_size, self.resolved_layout, self.causal, window,
@@ -132,7 +132,7 @@ class Problem:
         """Where rank ``rank`` keeps its tensors: its backend's device."""
         if self.backend is None:
             return torch.device("cpu")
-        from ..registry import registry
+        from tokenring.registry import registry
 
         return registry.get(self.backend).device(rank)
 

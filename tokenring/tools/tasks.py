@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import tokenring
 
-from .problems import Problem
+from tokenring.tools.problems import Problem
 
 
 def to_bytes(tensor: torch.Tensor) -> bytes:

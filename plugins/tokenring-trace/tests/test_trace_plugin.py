@@ -5,7 +5,7 @@ import json
 import pytest
 
 import tokenring_trace
-from tokenring.timeline import Event, Timeline
+from tokenring.runtime.timeline import Event, Timeline
 from tokenring_trace import chrome_trace, load_timelines
 
 

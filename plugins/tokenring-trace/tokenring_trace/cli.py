@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from tokenring.plans import schedule_names
+from tokenring.schedules.build import schedule_names
 
 from .render import chrome_trace, gantt_png, load_timelines
 

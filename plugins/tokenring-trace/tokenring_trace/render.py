@@ -6,7 +6,7 @@ import glob
 import json
 import os
 
-from tokenring.timeline import Timeline
+from tokenring.runtime.timeline import Timeline
 
 _COLOURS = {"compute": "#4C72B0", "post": "#DD8452", "wait": "#C44E52", "merge": "#55A868"}
 

@@ -54,7 +54,7 @@ from typing import Any, Callable
 import torch
 
 import tokenring
-from tokenring.layout import default_layout, parse_layout, shard
+from tokenring.placement.layout import default_layout, parse_layout, shard
 from tokenring.sequence import document_positions, local_positions, rank_and_world_size
 
 from ._state import registered_settings, take_pending

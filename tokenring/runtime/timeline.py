@@ -86,7 +86,7 @@ class Recorder:
         self.events.append(Event(kind, step, start_s, clock(), detail))
 
     def posted(self, step, rank: int, start_s: float, sent, received) -> None:
-        """The step's messages were handed to the Comm (``step`` a `tokenring.plan.Step`)."""
+        """The step's messages were handed to the Comm (``step`` a `tokenring.plan.model.Step`)."""
         self.add(
             POST, step.index, start_s,
             sends=[[t.dst, t.payload.value] for t in step.transfers if t.src == rank],
@@ -166,7 +166,7 @@ def quiet() -> Iterator[None]:
 
 
 def _plugin_hook():
-    from .registry import registry
+    from tokenring.registry import registry
 
     hook = registry.hook.tokenring_timeline
     return hook if hook.get_hookimpls() else None

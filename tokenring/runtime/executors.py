@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from .executor import Executor
-from .interfaces import Backend, BackendError, InputError, TokenRingError
-from .registry import registry
+from tokenring.runtime.executor import Executor
+from tokenring.interfaces import Backend, BackendError, InputError, TokenRingError
+from tokenring.registry import registry
 
 __all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "backend_and_executor", "open_executor", "resolve_backend",
            "timeout_s"]

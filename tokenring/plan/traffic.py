@@ -6,7 +6,7 @@ import contextlib
 import contextvars
 from typing import Iterator
 
-from .interfaces import Comm, LinkTraffic
+from tokenring.interfaces import Comm, LinkTraffic
 
 _traffic_log: contextvars.ContextVar[list[LinkTraffic] | None] = contextvars.ContextVar("tokenring_traffic", default=None)
 

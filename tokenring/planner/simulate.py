@@ -1,7 +1,7 @@
 """Replays a plan on an interconnect profile and predicts its time, without any process or tensor.
 
 `simulate(plan, shape, topology)` walks the plan's steps as the executor
-(`tokenring.executor`) runs them on every rank at once:
+(`tokenring.runtime.executor`) runs them on every rank at once:
 
 * a rank posts step s's messages the moment it finished step s-1, then
   computes the step's blocks, then waits for all its messages of the step
@@ -38,15 +38,14 @@ from __future__ import annotations
 import heapq
 import math
 import operator
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
 
-from .layout import Layout, default_layout, parse_layout
-from .plan import Payload, Plan, ProblemShape
-from .topology import Topology, resource_name
+from tokenring.placement.layout import Layout, default_layout, parse_layout
+from tokenring.plan.model import Plan, ProblemShape
+from tokenring.planner.topology import Topology, resource_name
 
 # Score-matrix FLOPs of the forward kernel per entry, per head and head-dim element: QK^T and PV, 2 each.
 FORWARD_FLOPS_PER_ENTRY = 4
@@ -524,7 +523,7 @@ def predict_all(shape: ProblemShape, topology: Topology, causal: bool, layout: "
     that does not build) gets an estimate with the reason and no times; ties
     go to the schedule listed first.
     """
-    from .plans import schedule_names  # the registry loads plugins: only when asked
+    from tokenring.schedules.build import schedule_names  # the registry loads plugins: only when asked
 
     layout = parse_layout(layout or default_layout(causal))
     names = tuple(schedule_names() if schedules is None else schedules)
@@ -541,7 +540,7 @@ def predict(name: str, shape: ProblemShape, topology: Topology, causal: bool,
 
     ``backward=False`` builds and simulates the forward plan alone (the estimate's ``backward`` is None).
     """
-    from .plans import build_plan
+    from tokenring.schedules.build import build_plan
 
     layout = parse_layout(layout or default_layout(causal))
     try:

@@ -1,7 +1,7 @@
 """Message buffers reused across steps and calls.
 
 What a rank holds while it runs a plan, and when each buffer goes back to the
-pool, is decided once per plan by `tokenring.program`: a buffer that was sent
+pool, is decided once per plan by `tokenring.runtime.program`: a buffer that was sent
 goes back only after the step that sent it has been waited on, so a send in
 flight never sees its data change.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .plan import Payload
+from tokenring.plan.model import Payload
 
 # Payloads a rank holds until it sends them home (or on), then drops.
 RESULTS = (Payload.PARTIAL, Payload.GRAD_PARTIAL, Payload.GRAD_KEY_VALUE)

@@ -4,7 +4,7 @@ A `Plan` says, for every step, which blocks each rank computes (whose
 queries, which span of them, against whose keys/values, which span, under
 which mask) and which messages go where. One executor runs any plan; the same
 plan gives the exact traffic per directed link, the work per rank, and the
-proof of the schedule itself (`tokenring.plancheck`), without any process.
+proof of the schedule itself (`tokenring.proofs.plancheck`), without any process.
 
 The model (docs/design.md, "The plan model"):
 
@@ -16,7 +16,7 @@ The model (docs/design.md, "The plan model"):
   per pair. Messages are posted before the step's compute and have arrived
   once the step is waited on.
 * Builders (one per schedule, in `tokenring.schedules`) write forward plans;
-  the gradient pass of any forward plan is derived by `tokenring.backward`.
+  the gradient pass of any forward plan is derived by `tokenring.plan.backward`.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
-from .interfaces import Channel, LinkTraffic, Mask
-from .layout import Layout
+from tokenring.interfaces import Channel, LinkTraffic, Mask
+from tokenring.placement.layout import Layout
 
 if TYPE_CHECKING:
-    from .masks import TokenMask
+    from tokenring.placement.masks import TokenMask
 
 
 class PlanError(AssertionError):
-    """The plan would compute something other than exact attention (raised by `tokenring.plancheck`)."""
+    """The plan would compute something other than exact attention (raised by `tokenring.proofs.plancheck`)."""
 
 
 class Span(tuple):
@@ -338,10 +338,10 @@ class Plan:
     world_size: int
     steps: tuple[Step, ...]
     backward: bool = False  # the gradient pass of the same schedule
-    tokens: "TokenMask | None" = None  # packed documents, window or padding (tokenring.masks); blocks masked TOKENS
+    tokens: "TokenMask | None" = None  # packed documents, window or padding (tokenring.placement.masks); blocks masked TOKENS
     note: str = field(default="", compare=False)  # the builder's word on this instance, e.g. its direction
     # Every rank holds the same queries (decode: each rank runs the model on the new token); results are
-    # merged with `Payload.MERGED` messages and every rank ends with the output (tokenring.replicated).
+    # merged with `Payload.MERGED` messages and every rank ends with the output (tokenring.schedules.replicated).
     replicated_queries: bool = False
 
     @property

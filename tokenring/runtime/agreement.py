@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from .interfaces import Backend, BackendError, Comm, InputError, TokenRingError
-from .plan import Plan, ProblemShape
+from tokenring.interfaces import Backend, BackendError, Comm, InputError, TokenRingError
+from tokenring.plan.model import Plan, ProblemShape
 
 _API = "token_ring_attn"
 

@@ -1,28 +1,28 @@
 """Runs any `Plan`, forward or backward, on one rank.
 
 A plan is first lowered, once per (plan, rank, shape), into this rank's
-program (`tokenring.program`): numbered slots for every piece it will hold,
+program (`tokenring.runtime.program`): numbered slots for every piece it will hold,
 integer rows for every span, and per step the posts, the blocks and the
 arrivals. The loop below only reads it. Each step: post the step's sends and
 receives (one batch per channel), compute the step's blocks while they are
 in flight, wait, fold in what arrived, and free what no later step reads.
 That overlap is the algorithm. What happened when is told to a
-`tokenring.timeline` recorder, which does nothing when nobody listens.
+`tokenring.runtime.timeline` recorder, which does nothing when nobody listens.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import timeline
-from .agreement import AgreedCall, Agreement, PeerAborted, is_marker, marker_tensor, markers_readable
-from .buffers import BufferPool
-from .finite import poison_of, poisoned, witness
-from .interfaces import AttentionKernel, Comm, Handle, Mask, Recv, Send, accumulation_dtype
-from .masks import cached_position_mask
-from .merge import merge_partial_
-from .plan import Plan, ProblemShape
-from .program import LOCAL, Arrival, BlockOp, Message, Program, RecvOp, SendOp, Start, StepProgram, lower
+from tokenring.runtime import timeline
+from tokenring.runtime.agreement import AgreedCall, Agreement, PeerAborted, is_marker, marker_tensor, markers_readable
+from tokenring.runtime.buffers import BufferPool
+from tokenring.runtime.finite import poison_of, poisoned, witness
+from tokenring.interfaces import AttentionKernel, Comm, Handle, Mask, Recv, Send, accumulation_dtype
+from tokenring.placement.masks import cached_position_mask
+from tokenring.runtime.merge import merge_partial_
+from tokenring.plan.model import Plan, ProblemShape
+from tokenring.runtime.program import LOCAL, Arrival, BlockOp, Message, Program, RecvOp, SendOp, Start, StepProgram, lower
 
 _PROGRAMS_KEPT = 64  # per executor: programs of the plans and shapes in use (a model has a few)
 
@@ -34,8 +34,8 @@ class Executor:
         self.comm = comm
         self.kernel = kernel
         self.pool = BufferPool()
-        self.agreement = Agreement()  # what the ranks of this comm last agreed on (tokenring.agreement)
-        self.auto_choice = None  # the last algorithm="auto" choice on this comm (tokenring.planner.Choice)
+        self.agreement = Agreement()  # what the ranks of this comm last agreed on (tokenring.runtime.agreement)
+        self.auto_choice = None  # the last algorithm="auto" choice on this comm (tokenring.planner.choose.Choice)
         # Keyed by the plan's identity (the plan is kept in the value, so the id stays its own): hashing a
         # plan would read all of it on every call.
         self._programs: dict[tuple[int, ProblemShape], tuple[Plan, Program]] = {}
@@ -75,13 +75,13 @@ class Executor:
 
     def forward(self, plan: Plan, q, k, v, *, scale: float, timeout_s: float,
                 kv_poison: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out, lse) of this rank's queries; NaN wherever a non-finite q, k or v reaches (`tokenring.finite`).
+        """(out, lse) of this rank's queries; NaN wherever a non-finite q, k or v reaches (`tokenring.runtime.finite`).
 
         ``kv_poison``: the poison of k and v when the caller already knows it (a KV cache keeps it as
-        rows are appended, `tokenring.finite.poison_of`), so the whole cache is not read again.
+        rows are appended, `tokenring.runtime.finite.poison_of`), so the whole cache is not read again.
 
         Raises `PeerAborted` when a peer sent a marker instead of a message
-        (see `tokenring.agreement`), after playing the rest of the plan with markers.
+        (see `tokenring.runtime.agreement`), after playing the rest of the plan with markers.
         """
         if plan.causal and plan.tokens is None and k.shape[1] != q.shape[1]:
             # The kernel aligns a causal mask to each block's bottom-right corner; spans of shards of
@@ -313,7 +313,7 @@ def play_markers(comm: Comm, pool: BufferPool, program: Program, dtype: torch.dt
     """A marker in place of each send of the program from ``first_step`` on; receives of the plan's sizes.
 
     A rank that stops a call (or found a marker) plays the rest of the agreed plan this way, so that every
-    peer's posted receive completes and finds the marker (`tokenring.agreement`).
+    peer's posted receive completes and finds the marker (`tokenring.runtime.agreement`).
     """
     marker = marker_tensor(device)
     acc_dtype = accumulation_dtype(dtype)
@@ -338,13 +338,13 @@ class _ForwardRun(_Run):
         super().__init__(executor, program, plan, q.dtype, q.device)
         self.scale = scale
         # A NaN or infinity in q, k or v never comes out finite, whatever the kernel does with it: its
-        # poison is added to the partial results past the kernel (tokenring.finite).
+        # poison is added to the partial results past the kernel (tokenring.runtime.finite).
         self.query_poison = poison_of(q)
         self.kv_poison = poison_of(k) + poison_of(v) if kv_poison is None else kv_poison
         self.local_kv = (k, v)
         self.slots[program.own_slot] = _Piece({"q": q})
         if program.own_kv_slot is not None:
-            # Keys leave with their and the values' poison added in the copy that packs them (tokenring.finite).
+            # Keys leave with their and the values' poison added in the copy that packs them (tokenring.runtime.finite).
             kv = torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
             poisoned(k, self.kv_poison, out=kv[0])
             kv[1].copy_(v)

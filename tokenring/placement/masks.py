@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .interfaces import PositionMask
+from tokenring.interfaces import PositionMask
 
 Runs = tuple[tuple[int, int], ...]  # sorted, disjoint [start, stop) runs of global positions
 
@@ -246,7 +246,7 @@ def _limits(mask: TokenMask, rank: int) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=256)
 def visible_runs(mask: TokenMask) -> dict:
-    """Per query owner, filled as asked by `tokenring.masked_plans`: the (first, stop) key rows each of its
+    """Per query owner, filled as asked by `tokenring.schedules.masked`: the (first, stop) key rows each of its
     query rows sees over each whole key shard (a row's visible keys are one run of rows), and the entries of
     each pair of shards."""
     return {}
@@ -299,12 +299,12 @@ def layout_runs(seq_len: int, world_size: int, layout: str, boundaries: tuple[in
     """Which global tokens each rank holds under ``layout``, given the documents.
 
     With documents (or padding) and the zigzag layout the tokens are placed per
-    document (`tokenring.documents`), so that causal work stays balanced
+    document (`tokenring.placement.documents`), so that causal work stays balanced
     whatever the lengths; otherwise the layout's usual chunks. Depends on
     nothing else, so `shard` and the call agree.
     """
     if layout == "zigzag" and boundaries is not None:
-        from .documents import balanced_assignment
+        from tokenring.placement.documents import balanced_assignment
 
         # Trailing padding is placed like one more document, so every rank gets its share of it.
         placed = boundaries if boundaries[-1] == seq_len else boundaries + (seq_len,)

@@ -2,7 +2,7 @@
 
 `schedule_names` is the one list of schedules every tool, test and plugin
 reads; `build_plan` gives the plan of a call, forward or backward, proven by
-`tokenring.plancheck` the first time it is built. The builders themselves
+`tokenring.proofs.plancheck` the first time it is built. The builders themselves
 live in `tokenring.schedules`, one module each, and register through the
 same pluggy hook a third-party plugin uses (see `tokenring.hookspecs`).
 """
@@ -13,13 +13,14 @@ import contextlib
 import gc
 import threading
 
-from .backward import derive_backward
-from .layout import Layout, parse_layout
-from .masked_plans import check_masked_plan, mask_plan
-from .masks import TokenMask
-from .plan import Plan, Schedule
-from .plancheck import PlanError, check_plan
-from .registry import registry
+from tokenring.plan.backward import derive_backward
+from tokenring.placement.layout import Layout, parse_layout
+from tokenring.proofs.masked import check_masked_plan
+from tokenring.schedules.masked import mask_plan
+from tokenring.placement.masks import TokenMask
+from tokenring.plan.model import Plan, Schedule
+from tokenring.proofs.plancheck import PlanError, check_plan
+from tokenring.registry import registry
 
 
 def schedule_names() -> tuple[str, ...]:
@@ -101,7 +102,7 @@ def build_plan(algorithm: str, layout: "Layout | str", causal: bool, world_size:
 
 
 def build_masked_plan(algorithm: str, tokens: "TokenMask", backward: bool = False) -> Plan:
-    """The schedule's plan cut down to ``tokens``' mask (tokenring.masked_plans). Cached by mask; proven by counting."""
+    """The schedule's plan cut down to ``tokens``' mask (tokenring.schedules.masked). Cached by mask; proven by counting."""
     generation = registry.generation
     key = (generation, "masked", get_schedule(algorithm).name, tokens, backward)
     with _plans_lock:

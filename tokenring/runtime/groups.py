@@ -28,7 +28,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .interfaces import InputError
+from tokenring.interfaces import InputError
 
 __all__ = ["CONTEXT_PARALLEL_DIM_NAMES", "resolve_group"]
 

@@ -17,7 +17,7 @@ their way home for every schedule in which keys/values travel:
   block.
 
 Either way a sum leaves a rank only once everything it carries is computed
-and arrived, so `tokenring.plancheck` proves the result like any plan.
+and arrived, so `tokenring.proofs.plancheck` proves the result like any plan.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 
-from .plan import Block, Payload, Plan, Span, Step, Transfer
+from tokenring.plan.model import Block, Payload, Plan, Span, Step, Transfer
 
 
 def derive_backward(forward: Plan) -> Plan:

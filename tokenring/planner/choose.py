@@ -2,7 +2,7 @@
 
 No schedule wins everywhere (docs/design.md, "Where each schedule wins and
 why"), and every plan's traffic per link and step is known before it runs, so
-the choice is a replay: `tokenring.simulate.predict` runs a schedule's
+the choice is a replay: `tokenring.planner.simulate.predict` runs a schedule's
 forward plan (and its backward plan, when the call needs gradients) on the
 profile and the fastest wins. Schedules predicted within `TIE` of the
 fastest count as tied, and ties go to the simpler schedule (`PREFERENCE`), so
@@ -12,7 +12,7 @@ a closed-form lower bound on their time (`lower_bound`, `skippable`), so the
 choice is the one replaying every schedule would make, at the cost of the
 few plans that matter.
 
-The profile is the file `tokenring calibrate` writes (`tokenring.topology`,
+The profile is the file `tokenring calibrate` writes (`tokenring.planner.topology`,
 default location there); without one, or with one for another number of
 ranks, the planner assumes `ASSUMED` — one switch port per device, the case
 in which moving the fewest bytes (the ring, for GQA) is never wrong by much.
@@ -28,8 +28,8 @@ import os
 import threading
 from dataclasses import dataclass
 
-from .plan import ProblemShape
-from .topology import Topology, default_profile_path, load_profile, switch
+from tokenring.plan.model import ProblemShape
+from tokenring.planner.topology import Topology, default_profile_path, load_profile, switch
 
 AUTO = "auto"
 TIE = 0.03  # relative: predictions closer than this are a tie (the model is not that exact)
@@ -87,8 +87,8 @@ def choose(shape: ProblemShape, causal: bool, layout: str, world_size: int, need
 @functools.lru_cache(maxsize=256)
 def _choose(shape: ProblemShape, causal: bool, layout: str, world_size: int, needs_grad: bool,
             profile: Topology, source: str) -> Choice:
-    from .plans import schedule_names  # the registry loads plugins: only when asked
-    from .simulate import predict
+    from tokenring.schedules.build import schedule_names  # the registry loads plugins: only when asked
+    from tokenring.planner.simulate import predict
 
     if profile.world_size != world_size:
         raise ValueError(f"the profile describes {profile.world_size} ranks, the group has {world_size}")
@@ -162,7 +162,7 @@ def lower_bound(name: str, shape: ProblemShape, profile: Topology, causal: bool,
     and the bytes it must receive and send over what it can receive and send
     at once (`Topology.receive_capacity`); 0 when nothing is known.
     """
-    from .layout import parse_layout
+    from tokenring.placement.layout import parse_layout
 
     try:
         parsed = parse_layout(layout)
@@ -176,8 +176,8 @@ def _pass_bound(family: str | None, shape: ProblemShape, profile: Topology, caus
                 backward: bool) -> float:
     import math
 
-    from .plan import Block, Payload, visible_block
-    from .simulate import block_flops
+    from tokenring.plan.model import Block, Payload, visible_block
+    from tokenring.planner.simulate import block_flops
 
     n = profile.world_size
     if n < 2:

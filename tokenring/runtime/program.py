@@ -7,8 +7,8 @@ on (plan, rank, shape), so `lower` answers it once: every piece a rank will
 hold gets a numbered *slot*, every span becomes integer rows within a slot,
 and each step becomes three flat lists (posts, blocks, arrivals) and the
 slots to free after it. The executor then reads nothing but the program
-(`tokenring.executor`), and the markers that stop a call play the same posts
-(`tokenring.agreement`).
+(`tokenring.runtime.executor`), and the markers that stop a call play the same posts
+(`tokenring.runtime.agreement`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .buffers import RESULTS
-from .interfaces import Channel, Mask
-from .plan import ALL, Block, Payload, Plan, ProblemShape, Span, Transfer
+from tokenring.runtime.buffers import RESULTS
+from tokenring.interfaces import Channel, Mask
+from tokenring.plan.model import ALL, Block, Payload, Plan, ProblemShape, Span, Transfer
 
 LOCAL = -1  # a slot number meaning "this rank's own k, v" or "the accumulator"
 

@@ -100,8 +100,8 @@ def unshard(parts: Sequence[torch.Tensor], *, layout: "Layout | str", dim: int =
 
 
 def _document_runs(seq_len: int, world_size: int, layout: Layout, cu_seqlens, dim: int):
-    from .documents import validate_cu_seqlens
-    from .masks import layout_runs
+    from tokenring.placement.documents import validate_cu_seqlens
+    from tokenring.placement.masks import layout_runs
 
     if seq_len % world_size:
         raise ValueError(f"sequence length {seq_len} (dim {dim}) must be divisible by the world size {world_size}")

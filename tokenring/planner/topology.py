@@ -1,7 +1,7 @@
 """Interconnect profiles: what a message between two ranks crosses, and how fast a device computes.
 
 A `Topology` describes one group of devices for the plan simulator
-(`tokenring.simulate`): how the devices inside a node connect (``kind``),
+(`tokenring.planner.simulate`): how the devices inside a node connect (``kind``),
 how nodes connect, each link's bandwidth and latency, each device's
 injection limit, and its attention compute rate. It is pure data; nothing
 here measures anything (``tokenring calibrate`` writes profiles, the planner
@@ -217,7 +217,7 @@ class Topology:
         N - 1 of them inside the node; ring: its two neighbours'), its switch
         port in, or its NIC in (from another node), and its ejection when there
         is an injection limit: a lower bound on any plan's time is the bytes a
-        rank must receive over this (the planner's pruning, `tokenring.planner`).
+        rank must receive over this (the planner's pruning, `tokenring.planner.choose`).
         """
         return self._capacity()
 

@@ -22,10 +22,12 @@ from itertools import repeat
 
 import numpy as np
 
-from .interfaces import Mask
-from .layout import rank_chunks
-from .masks import TokenMask, full_sequence_mask
-from .plan import ALL, Block, Payload, Plan, PlanError, Span, Transfer
+from tokenring.interfaces import Mask
+from tokenring.placement.layout import rank_chunks
+from tokenring.placement.masks import TokenMask, full_sequence_mask
+from tokenring.plan.model import ALL, Block, Payload, Plan, PlanError, Span, Transfer
+from tokenring.proofs.replicated import check_replicated_plan
+from tokenring.proofs.wellformed import check_step
 
 FULL = "full"
 DIAGONAL = "diagonal"
@@ -162,9 +164,7 @@ def check_plan(plan: Plan, method: str = "auto") -> None:
     """
     if method not in ("auto", "atoms", "spans"):
         raise ValueError(f"method must be 'auto', 'atoms' or 'spans', got {method!r}")
-    if plan.replicated_queries:  # every rank holds the same queries: proven by tokenring.replicated
-        from .replicated import check_replicated_plan
-
+    if plan.replicated_queries:  # every rank holds the same queries: proven by tokenring.proofs.replicated
         return check_replicated_plan(plan)
     if method != "atoms":
         grid = _span_grid(plan)
@@ -179,19 +179,11 @@ def check_plan(plan: Plan, method: str = "auto") -> None:
     covered_q: list[list[Pair]] = [[] for _ in range(n)]   # per query owner, what reached it
     covered_kv: list[list[Pair]] = [[] for _ in range(n)]  # per key owner (backward only)
 
+    world = set(range(n))
     for position, step in enumerate(plan.steps):
-        where = f"step {step.index}"
-        if step.index != position:
-            raise PlanError(f"{where} stands at position {position}: steps must be numbered 0, 1, 2, ... in order")
-        for b in step.blocks:
-            if not all(0 <= r < n for r in (b.rank, b.q_owner, b.kv_owner)):
-                raise PlanError(f"{where}: block outside the world: {b}")
+        where = check_step(step, position, world)
         arriving: list[tuple[Transfer, list[Pair] | None]] = []
         for t in step.transfers:
-            if not (0 <= t.src < n and 0 <= t.dst < n and 0 <= t.owner < n):
-                raise PlanError(f"{where}: transfer outside the world: {t}")
-            if t.src == t.dst:
-                raise PlanError(f"{where}: rank {t.src} sends to itself")
             if t.payload is result:
                 # A message carries the results held for rows within its span (several blocks' may share it).
                 carried = [key for key in pending[t.src] if key[0] == t.owner and t.span.contains(key[1])]
@@ -327,10 +319,6 @@ def _span_grid(plan: Plan) -> tuple[int, dict[Span, tuple[int, int]]] | None:
     return per_rank, rows
 
 
-_rank, _q_owner, _kv_owner = operator.attrgetter("rank"), operator.attrgetter("q_owner"), operator.attrgetter("kv_owner")
-_src, _dst, _owner = operator.attrgetter("src"), operator.attrgetter("dst"), operator.attrgetter("owner")
-
-
 def _check_spans(plan: Plan, per_rank: int, rows: dict[Span, tuple[int, int]]) -> None:
     """`check_plan` on rectangles of rows instead of pairs of atoms (see above); the same errors, the same order."""
     n = plan.world_size
@@ -351,32 +339,17 @@ def _check_spans(plan: Plan, per_rank: int, rows: dict[Span, tuple[int, int]]) -
     travelling_kv: list[dict[int, tuple[list, list, int]]] = [{} for _ in range(n)]
     covered_q: list[dict[int, list]] = [defaultdict(list) for _ in range(n)]   # [q owner][kv owner]
     covered_kv: list[dict[int, list]] = [defaultdict(list) for _ in range(n)]  # [kv owner][q owner]
-    world = range(n)
-    world_set = set(world)
+    world_set = set(range(n))
     causal_mask = Mask.CAUSAL
     key_value, grad_key_value = Payload.KEY_VALUE, Payload.GRAD_KEY_VALUE
 
     for position, step in enumerate(plan.steps):
-        where = f"step {step.index}"
-        if step.index != position:
-            raise PlanError(f"{where} stands at position {position}: steps must be numbered 0, 1, 2, ... in order")
-        blocks, transfers = step.blocks, step.transfers
-        # Every rank named in the world: asked of all at once first (in C), one by one only to name the first.
-        if not (world_set.issuperset(map(_rank, blocks)) and world_set.issuperset(map(_q_owner, blocks))
-                and world_set.issuperset(map(_kv_owner, blocks))):
-            for b in blocks:
-                if b.rank not in world or b.q_owner not in world or b.kv_owner not in world:
-                    raise PlanError(f"{where}: block outside the world: {b}")
-        in_world = (world_set.issuperset(map(_src, transfers)) and world_set.issuperset(map(_dst, transfers))
-                    and world_set.issuperset(map(_owner, transfers)))
+        where = check_step(step, position, world_set)
+        transfers = step.transfers
         arriving: list[tuple[Transfer, object]] = []  # with its shapes, dK/dV group or rows
         add_arriving = arriving.append
         for t in transfers:
             src, dst, owner, payload = t.src, t.dst, t.owner, t.payload
-            if not in_world and (src not in world or dst not in world or owner not in world):
-                raise PlanError(f"{where}: transfer outside the world: {t}")
-            if src == dst:
-                raise PlanError(f"{where}: rank {t.src} sends to itself")
             a, b = rows[t.span]
             if payload is result:
                 by_owner = pending[src]
