@@ -1,0 +1,1 @@
+"""The planner: topologies and profiles, the simulator, and `algorithm="auto"`."""

@@ -1,0 +1,1 @@
+"""The runtime: plans lowered into per-rank programs and run; buffers, merging, agreement, timeline, executors."""
