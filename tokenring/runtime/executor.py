@@ -93,8 +93,7 @@ class Executor:
 
     def stop_agreed_call(self, call: AgreedCall, *, timeout_s: float) -> None:
         """Play ``call``'s plan with markers, so that peers running it stop and join the agreement."""
-        play_markers(self.comm, self.pool, self.program(call.plan, call.shape), call.dtype, self.comm.device,
-                     timeout_s)
+        play_markers(self.comm, self.program(call.plan, call.shape), call.dtype, self.comm.device, timeout_s)
 
     def backward(
         self, plan: Plan, q, k, v, out, lse, dout, *, scale: float, timeout_s: float
@@ -142,6 +141,7 @@ class _Run:
         self.pool.keep_only_for((program.shape, dtype, device, plan.algorithm))
         self.slots: list[_Piece | None] = [None] * program.slots
         self.in_flight: list[torch.Tensor] = []  # pooled buffers of this step's sends: free after the wait
+        self._sent: list[torch.Tensor] = []       # the step's send tensors, kept alive until the wait
         self.masks = executor.masks_for(plan, device)
         self.trace = timeline.recorder(self.rank, self.comm.world_size, plan.algorithm, plan.backward)
         self.step_index = 0
@@ -159,13 +159,13 @@ class _Run:
                 self._wait(handles, timeout_s)
                 stopped = _marker_in(received, self.rank, step.index) if self.watch_markers else None
                 if stopped is not None:
-                    play_markers(self.comm, self.pool, self.program, self.dtype, self.device, timeout_s,
-                                 first_step=number + 1)
+                    play_markers(self.comm, self.program, self.dtype, self.device, timeout_s, first_step=number + 1)
                     raise stopped
-                merged = self.trace.clock()
-                for op, buffer in received:
-                    self._arrive(op, buffer)
-                self.trace.merged(step.index, merged, [(op.transfer, b) for op, b in received])
+                if received:
+                    merged = self.trace.clock()
+                    for op, buffer in received:
+                        self._arrive(op, buffer)
+                    self.trace.merged(step.index, merged, [(op.transfer, b) for op, b in received])
                 for slot in step.frees:
                     self._free(slot)
             result = self.result()
@@ -190,7 +190,7 @@ class _Run:
             handles.append(self.comm.exchange(sends, recvs, channel=post.channel, step=step.index))
         if handles:
             self.trace.posted(step.step, self.rank, started, sent, [b for _, b in received])
-        self._sent = sent  # kept alive until the wait
+        self._sent = sent
         return handles, received
 
     def _wait(self, handles: list[Handle], timeout_s: float) -> None:
@@ -240,14 +240,6 @@ class _Run:
         for slot in range(len(self.slots)):
             self._free(slot)
 
-    def _section_rows(self, slot: int, rows: tuple[int, int] | None, message: Message) -> dict[str, torch.Tensor]:
-        sections = self.slots[slot].sections  # type: ignore[union-attr]
-        if rows is None:
-            return sections
-        offset, count = rows
-        return {name: sections[name].narrow(seq_dim, offset, count)
-                for name, _, _, seq_dim, _, _ in message.sections}
-
     def _outgoing(self, op: SendOp) -> torch.Tensor:
         """The message tensor of a send: a held piece's own buffer, or packed from its rows."""
         if op.slot == LOCAL:
@@ -262,7 +254,7 @@ class _Run:
                     self.in_flight.append(piece.buffer)
             if op.rows is None and piece.buffer is not None:
                 return piece.buffer
-            tensors = self._section_rows(op.slot, op.rows, op.message) if op.rows is not None else piece.sections
+            tensors = _rows_of(piece.sections, op.rows, op.message)
         if not op.message.packed:
             (tensor,) = tensors.values()
             return tensor.contiguous()
@@ -300,6 +292,15 @@ class _Run:
         raise NotImplementedError
 
 
+def _rows_of(sections: dict[str, torch.Tensor], rows: tuple[int, int] | None,
+             message: Message) -> dict[str, torch.Tensor]:
+    """``rows`` of a piece's sections, each narrowed along its own sequence dimension (None: all of it)."""
+    if rows is None:
+        return sections
+    offset, count = rows
+    return {name: sections[name].narrow(seq_dim, offset, count) for name, _, _, seq_dim, _, _ in message.sections}
+
+
 def _marker_in(received, rank: int, step: int) -> PeerAborted | None:
     """Whether a peer stopped the call: a marker arrived in place of a message (host buffers only)."""
     for op, buffer in received:
@@ -308,8 +309,8 @@ def _marker_in(received, rank: int, step: int) -> PeerAborted | None:
     return None
 
 
-def play_markers(comm: Comm, pool: BufferPool, program: Program, dtype: torch.dtype, device: torch.device,
-                 timeout_s: float, first_step: int = 0) -> None:
+def play_markers(comm: Comm, program: Program, dtype: torch.dtype, device: torch.device, timeout_s: float,
+                 first_step: int = 0) -> None:
     """A marker in place of each send of the program from ``first_step`` on; receives of the plan's sizes.
 
     A rank that stops a call (or found a marker) plays the rest of the agreed plan this way, so that every
